@@ -1,0 +1,161 @@
+"""Make megatron-core 0.16.1 run on CPU (gloo), applied only when CUDA is absent.
+
+megatron-core assumes CUDA in a handful of places (placements, RNG tracker, optimizer type checks,
+synchronisation, timing events). Each patch below says why it exists. Nothing here runs when
+``torch.cuda.is_available()``: on GPU clusters megatron-core is used untouched.
+
+These patches touch private names: they are written for exactly ``SUPPORTED_MEGATRON_CORE`` and the
+CPU test suite must be re-run on any upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+SUPPORTED_MEGATRON_CORE = "0.16.1"
+
+_applied = False
+_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, int):  # torch.cuda.current_device() returns an int index
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU in every torch call made while it is active.
+
+    Why: megatron-core places tensors with ``device=torch.cuda.current_device()``, ``device="cuda"``,
+    ``.cuda()`` and ``.to("cuda")`` in ~80 places (rotary embedding, buffers, schedules' token
+    counters, p2p, optimizer, KV cache). It also answers ``Tensor.type()`` with the CUDA type name,
+    because megatron's optimizers accept fp32 params only if ``param.type() == 'torch.cuda.FloatTensor'``.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return func(*args).replace("torch.", "torch.cuda.", 1)
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _CpuEvent:
+    """Why: the inference controller times steps with ``torch.cuda.Event`` (timing only)."""
+
+    def __init__(self, *args, **kwargs):
+        self._time = None
+
+    def record(self, *args, **kwargs):
+        import time
+
+        self._time = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end: "_CpuEvent") -> float:
+        return (end._time - self._time) * 1000.0
+
+
+def _check_version() -> None:
+    from importlib.metadata import version
+
+    found = version("megatron-core")
+    if found != SUPPORTED_MEGATRON_CORE:
+        raise RuntimeError(
+            f"megatron_opsd.cpu_compat was written for megatron-core {SUPPORTED_MEGATRON_CORE}, "
+            f"found {found}: pin megatron-core=={SUPPORTED_MEGATRON_CORE} (requirements/constraints.txt) "
+            "or re-verify the CPU patches against the new release."
+        )
+
+
+def _patch_rng_tracker() -> None:
+    """Why: the tensor-parallel RNG tracker stores and swaps CUDA generator states.
+
+    On CPU the "device" generator is the CPU default generator, so the tracker stores CPU states.
+    """
+    from megatron.core.tensor_parallel import random as mp_random
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    def add(self, name, seed):
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        orig_state = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig_state)
+
+    mp_random._get_cuda_rng_state = get_state
+    mp_random._set_cuda_rng_state = set_state
+    mp_random.CudaRNGStatesTracker.add = add
+
+
+def enabled() -> bool:
+    return _applied
+
+
+def apply() -> bool:
+    """Apply the CPU patches once if CUDA is absent. Returns whether they are active."""
+    global _applied, _mode
+    if _applied:
+        return True
+    if torch.cuda.is_available():
+        return False
+    _check_version()
+    # Why: megatron calls these unconditionally; on a CPU build they raise "not compiled with CUDA".
+    torch.cuda.current_device = lambda: 0  # an index; the mode below maps it to CPU
+    torch.cuda.synchronize = lambda *a, **k: None  # p2p batching, checkpoint save
+    torch.cuda.Event = _CpuEvent
+    _patch_rng_tracker()
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()  # stays active for the process lifetime
+    _applied = True
+    return True
+
+
+def cpu_placement(fn):
+    """Re-enter the CPU placement mode inside ``fn`` (no-op on GPU).
+
+    Why: autograd runs backward with torch-function modes disabled, so code that megatron runs
+    during backward (activation recompute's re-forward) would otherwise see raw CUDA placements.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with placement_context():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def placement_context():
+    if _applied and not _mode_is_active():
+        return _CudaToCpuMode()
+    return contextlib.nullcontext()
+
+
+def _mode_is_active() -> bool:
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(isinstance(m, _CudaToCpuMode) for m in _get_current_function_mode_stack())

@@ -1,0 +1,140 @@
+"""Micro-batches of OPSD pairs: right-padded tokens with explicit masks, and response index maps.
+
+Shapes: ``B`` pairs; ``L_s``/``L_t`` the student/teacher padded lengths (they differ); ``R`` the
+longest response. Right padding keeps every sequence at positions ``0 .. len - 1``, so positions and
+index maps of a pair do not depend on its neighbours.
+
+Masks follow megatron-core: ``attention_mask[b, 0, q, k]`` is True where query ``q`` must NOT attend to
+key ``k`` (``k > q``, or ``k`` is padding). Padded query rows still see the real keys, so no softmax row
+is empty.
+
+Packing (THD, ``cu_seqlens``) would avoid the padding but needs Transformer Engine's fused attention,
+which the local (CPU) spec lacks: ``collate_pairs(pack=True)`` is the seam for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Literal
+
+import torch
+
+from megatron_opsd.data.contexts import OPSDPair
+
+
+@dataclass
+class SideBatch:
+    """One role's inputs to the model."""
+
+    tokens: torch.Tensor
+    """[B, L] int64, right-padded with ``pad_id``."""
+    position_ids: torch.Tensor
+    """[B, L] int64, ``0 .. L - 1`` on every row."""
+    attention_mask: torch.Tensor
+    """[B, 1, L, L] bool, True = masked out (causal + key padding)."""
+    lengths: torch.Tensor
+    """[B] int64, unpadded sequence lengths."""
+
+
+@dataclass
+class OPSDMicroBatch:
+    """Student and teacher inputs of the same responses, and where each response token is scored."""
+
+    student: SideBatch
+    teacher: SideBatch
+    response_ids: torch.Tensor
+    """[B, R] int64, right-padded with ``pad_id``."""
+    loss_mask: torch.Tensor
+    """[B, R] float32, 1 on response tokens (end of turn included), 0 on padding."""
+    student_index: torch.Tensor
+    """[B, R] int64: position in ``student.tokens`` whose logits predict ``response_ids[:, r]``
+    (padded entries point at a valid position and are masked)."""
+    teacher_index: torch.Tensor
+    """[B, R] int64: the same for ``teacher.tokens``."""
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.loss_mask.sum().item())
+
+    def to(self, device: torch.device | str) -> OPSDMicroBatch:
+        """A copy with every tensor on ``device``."""
+
+        def move(obj):
+            return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
+
+        return OPSDMicroBatch(student=move(self.student), teacher=move(self.teacher),
+                              **{f.name: getattr(self, f.name).to(device) for f in fields(self)
+                                 if f.name not in ("student", "teacher")})
+
+
+def _padded_length(longest: int, multiple: int) -> int:
+    return -(-longest // multiple) * multiple
+
+
+def _side(sequences: Sequence[list[int]], pad_id: int, multiple: int) -> SideBatch:
+    num, length = len(sequences), _padded_length(max(map(len, sequences)), multiple)
+    tokens = torch.full((num, length), pad_id, dtype=torch.long)
+    for b, ids in enumerate(sequences):
+        tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+    lengths = torch.tensor([len(ids) for ids in sequences], dtype=torch.long)
+    positions = torch.arange(length)
+    future_ll = positions[None, :] > positions[:, None]
+    padding_bl = positions[None, :] >= lengths[:, None]
+    mask = future_ll[None, None] | padding_bl[:, None, None, :]
+    return SideBatch(tokens=tokens, position_ids=positions.expand(num, length).clone(),
+                     attention_mask=mask, lengths=lengths)
+
+
+def collate_pairs(pairs: Sequence[OPSDPair], pad_id: int, *, pad_to_multiple_of: int = 1,
+                  pack: bool = False) -> OPSDMicroBatch:
+    """Collate pairs into a padded micro-batch.
+
+    ``pad_to_multiple_of`` rounds each side's length up (e.g. to the tensor-parallel size for sequence
+    parallelism). ``pack=True`` (THD packed sequences) is not implemented.
+    """
+    if pack:
+        raise NotImplementedError(
+            "packed (THD) sequences need Transformer Engine's fused attention with cu_seqlens, which "
+            "the local megatron-core spec used on CPU does not have; use padded micro-batches (pack=False)")
+    if not pairs:
+        raise ValueError("collate_pairs: no pairs to collate")
+    if pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: must be at least 1")
+    num, width = len(pairs), max(len(p.response_ids) for p in pairs)
+    response_ids = torch.full((num, width), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((num, width), dtype=torch.float32)
+    offsets = torch.arange(width)
+    student_index = torch.zeros((num, width), dtype=torch.long)
+    teacher_index = torch.zeros((num, width), dtype=torch.long)
+    for b, pair in enumerate(pairs):
+        size = len(pair.response_ids)
+        response_ids[b, :size] = torch.tensor(pair.response_ids, dtype=torch.long)
+        loss_mask[b, :size] = 1.0
+        clamped = offsets.clamp(max=size - 1)  # padded entries repeat the last valid position
+        student_index[b] = pair.student_start + clamped
+        teacher_index[b] = pair.teacher_start + clamped
+    return OPSDMicroBatch(
+        student=_side([p.student_ids for p in pairs], pad_id, pad_to_multiple_of),
+        teacher=_side([p.teacher_ids for p in pairs], pad_id, pad_to_multiple_of),
+        response_ids=response_ids, loss_mask=loss_mask,
+        student_index=student_index, teacher_index=teacher_index)
+
+
+def gather_response_positions(x: torch.Tensor, index: torch.Tensor, *,
+                              layout: Literal["lbd", "bld"] = "lbd") -> torch.Tensor:
+    """Rows of ``x`` at the response positions: ``out[b, r] = x[index[b, r], b]`` -> ``[B, R, ...]``.
+
+    ``layout="lbd"``: ``x`` is ``[L, B, ...]``, megatron-core's sequence-first hidden states (and
+    logits). ``layout="bld"``: ``x`` is ``[B, L, ...]``. ``index`` is ``[B, R]`` (``student_index`` or
+    ``teacher_index``). Advanced indexing copies only the selected rows (no ``[B, R, D]`` index tensor)
+    and is differentiable.
+    """
+    if layout not in ("lbd", "bld"):
+        raise ValueError(f"layout={layout!r}: use 'lbd' ([L, B, ...], megatron-core) or 'bld'")
+    batch_dim = 1 if layout == "lbd" else 0
+    if index.dim() != 2 or index.shape[0] != x.shape[batch_dim]:
+        raise ValueError(f"index of shape {tuple(index.shape)} does not match x of shape "
+                         f"{tuple(x.shape)} in layout {layout!r}: expected [B={x.shape[batch_dim]}, R]")
+    rows = torch.arange(index.shape[0], device=index.device)[:, None]
+    return x[index, rows] if layout == "lbd" else x[rows, index]

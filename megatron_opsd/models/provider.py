@@ -1,0 +1,170 @@
+"""Build megatron-core ``GPTModel`` chunks for the Llama, Qwen2, Qwen3 and Mistral families.
+
+The Transformer Engine layer spec is used when TE is importable and CUDA is present; otherwise the
+local spec (torch ops). Fusions that need CUDA kernels are turned off on CPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from megatron_opsd.config_io import doc
+from megatron_opsd.models.description import ModelConfig
+from megatron_opsd.parallel import ParallelRuntime
+
+
+@dataclass
+class ModelBuildConfig:
+    """How to instantiate the model (independent of which model it is)."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = doc(
+        "Parameter / compute dtype (mixed precision keeps fp32 main params in the optimizer).",
+        default="fp32")
+    recompute: Literal["none", "full", "selective"] = doc(
+        "Activation recompute: none, full (every layer, uniform) or selective (core attention).",
+        default="none")
+    init_method_std: float = doc("Std of the random init (when not loading weights).", default=0.02)
+    transformer_engine: Literal["auto", "on", "off"] = doc(
+        "Layer spec: auto = TE when importable and CUDA present; off = local spec.", default="auto")
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def have_transformer_engine() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return torch.cuda.is_available()
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Pad only as tensor parallelism needs: to a multiple of tp (real vocabularies need none)."""
+    return -(-vocab_size // tp) * tp
+
+
+def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: ModelBuildConfig):
+    """megatron-core ``TransformerConfig`` for ``model`` under ``runtime``'s layout."""
+    from megatron.core.transformer import TransformerConfig
+
+    runtime.config.check_model(model.num_hidden_layers, model.num_attention_heads,
+                               model.num_key_value_heads)
+    dtype = DTYPES[build.dtype]
+    on_gpu = torch.cuda.is_available()
+    recompute = {}
+    if build.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif build.recompute == "selective":
+        recompute = dict(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=model.num_hidden_layers,
+        hidden_size=model.hidden_size,
+        ffn_hidden_size=model.intermediate_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_key_value_heads,
+        kv_channels=model.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=model.qkv_bias,
+        qk_layernorm=model.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=build.init_method_std,
+        tensor_model_parallel_size=runtime.tp,
+        pipeline_model_parallel_size=runtime.pp,
+        virtual_pipeline_model_parallel_size=runtime.vpp,
+        sequence_parallel=runtime.config.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=not on_gpu,
+        # Contexts of different lengths cross pipeline stages: shapes are exchanged per message.
+        # Not with interleaving: megatron-core 0.16.1 exchanges shapes with batched p2p even when
+        # batch_p2p_comm is off, and with PP=2 (prev == next rank) the two shape messages to the same
+        # peer pair up wrongly (deadlock or wrong shapes). Interleaved runs pad every micro-batch
+        # of a step to one length instead (see engine.forward_backward).
+        variable_seq_lengths=runtime.vpp is None,
+        moe_token_dispatcher_type="alltoall",  # no MoE; the default "allgather" refuses variable lengths
+        # With interleaved PP, batched p2p pairs sends/recvs wrongly when prev == next rank (PP=2):
+        # silently wrong gradients (MEGATRON_NOTES.md §2). Unbatched p2p is always correct.
+        batch_p2p_comm=runtime.vpp is None,
+        deallocate_pipeline_outputs=True,
+        # CUDA-only fusions.
+        bias_activation_fusion=on_gpu,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        bias_dropout_fusion=on_gpu,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        **recompute,
+    )
+
+
+def layer_spec(model: ModelConfig, build: ModelBuildConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = build.transformer_engine == "on" or (
+        build.transformer_engine == "auto" and have_transformer_engine())
+    if use_te:
+        if not have_transformer_engine():
+            raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable "
+                             "or CUDA is absent: use auto or off")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+
+
+def rope_kwargs(model: ModelConfig) -> dict:
+    kwargs = dict(position_embedding_type="rope", rotary_base=int(model.rope_theta))
+    if model.rope_theta != int(model.rope_theta):
+        raise ValueError(f"rope_theta={model.rope_theta} must be an integer for megatron-core")
+    scaling = model.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "llama3":
+        kwargs.update(rope_scaling=True, rope_scaling_factor=float(scaling["factor"]))
+    elif kind == "linear":
+        kwargs.update(seq_len_interpolation_factor=float(scaling["factor"]))
+    return kwargs
+
+
+def build_model(model: ModelConfig, runtime: ParallelRuntime,
+                build: ModelBuildConfig | None = None) -> list[torch.nn.Module]:
+    """This rank's model chunks (one per virtual pipeline stage), on ``runtime.device``.
+
+    Weights are randomly initialised; load real ones with ``megatron_opsd.checkpoint``.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    build = build or ModelBuildConfig()
+    config = transformer_config(model, runtime, build)
+    spec = layer_spec(model, build)
+    vocab = padded_vocab_size(model.vocab_size, runtime.tp)
+    num_chunks = runtime.vpp or 1
+    chunks = []
+    for vp_stage in range(num_chunks):
+        pre = runtime.is_first_stage and vp_stage == 0
+        post = runtime.is_last_stage and vp_stage == num_chunks - 1
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=vocab,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=pre,
+            post_process=post,
+            parallel_output=True,  # logits stay vocab-sharded: [s, b, V/tp]
+            share_embeddings_and_output_weights=model.tie_word_embeddings,
+            pg_collection=runtime.pg_collection,
+            vp_stage=vp_stage if runtime.vpp else None,
+            **rope_kwargs(model),
+        )
+        chunk.to(runtime.device)
+        chunks.append(chunk)
+    return chunks

@@ -1,0 +1,212 @@
+"""The parallel runtime: the one place that reads megatron-core's global parallel state.
+
+``init_parallel`` starts torch.distributed (NCCL with CUDA, gloo without), initialises megatron-core
+model parallel state (tp, pp, optional virtual pp; dp is derived) and all seeds, and returns a
+``ParallelRuntime`` holding explicit groups and ranks. Everything else receives groups from it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_opsd import cpu_compat
+from megatron_opsd.config_io import doc
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout. dp is derived: world_size / (tp * pp)."""
+
+    tp: int = doc("Tensor-parallel size (shards heads, MLP and vocabulary).", default=1)
+    pp: int = doc("Pipeline-parallel size (stages of consecutive layers).", default=1)
+    vpp: int | None = doc("Virtual pipeline chunks per stage (interleaved 1F1B); None = off.", default=None)
+    sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1; GPU/TE only).",
+                                  default=False)
+    use_distributed_optimizer: bool = doc("Shard optimizer state over data-parallel ranks.", default=True)
+    overlap_grad_reduce: bool = doc("Overlap DP gradient reduce-scatter with backward.", default=False)
+    timeout_minutes: int = doc("Collective timeout.", default=30)
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
+        if self.vpp is not None:
+            if self.vpp < 1:
+                raise ValueError(f"parallel.vpp={self.vpp} must be >= 1 or null")
+            if self.vpp > 1 and self.pp < 2:
+                raise ValueError(f"parallel.vpp={self.vpp} needs parallel.pp >= 2 (got pp={self.pp}); "
+                                 "set vpp: null for a non-pipelined run")
+            if self.vpp == 1:
+                self.vpp = None
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+    def check_world_size(self, world_size: int) -> None:
+        if world_size % (self.tp * self.pp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
+                f"{self.tp} * {self.pp}: launch a multiple of {self.tp * self.pp} processes "
+                "or change tp/pp")
+
+    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
+        """Layout constraints that depend on the model shape."""
+        if num_heads % self.tp:
+            raise ValueError(f"num_attention_heads={num_heads} is not divisible by parallel.tp={self.tp}: "
+                             f"choose tp among {[d for d in range(1, num_heads + 1) if num_heads % d == 0]}")
+        if num_kv_heads % self.tp and self.tp % num_kv_heads:
+            raise ValueError(f"num_key_value_heads={num_kv_heads} and parallel.tp={self.tp}: one must "
+                             "divide the other")
+        chunks = self.pp * (self.vpp or 1)
+        if num_layers % chunks:
+            raise ValueError(f"num_hidden_layers={num_layers} is not divisible by parallel.pp * vpp = "
+                             f"{chunks}: each pipeline chunk needs the same number of layers")
+
+
+@dataclass
+class ParallelRuntime:
+    """Explicit process groups and ranks of this process. Pass it (or its groups) around."""
+
+    config: ParallelConfig
+    world_size: int
+    rank: int
+    local_rank: int
+    device: torch.device
+    tp_group: dist.ProcessGroup
+    pp_group: dist.ProcessGroup
+    dp_group: dist.ProcessGroup
+    mp_group: dist.ProcessGroup
+    embd_group: dist.ProcessGroup | None
+    dp_gloo_group: dist.ProcessGroup | None
+    pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+
+    @property
+    def tp(self) -> int:
+        return self.config.tp
+
+    @property
+    def pp(self) -> int:
+        return self.config.pp
+
+    @property
+    def vpp(self) -> int | None:
+        return self.config.vpp
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp_group)
+
+    @property
+    def pp_rank(self) -> int:
+        return dist.get_rank(self.pp_group)
+
+    @property
+    def dp_rank(self) -> int:
+        return dist.get_rank(self.dp_group)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def last_stage_global_rank(self) -> int:
+        return dist.get_global_rank(self.pp_group, self.pp - 1)
+
+    def destroy(self) -> None:
+        """Tear down megatron's model-parallel state (torch.distributed stays up)."""
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+
+
+def _init_process_group(timeout_minutes: int) -> None:
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:  # a plain `python script.py`: a world of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def seed_everything(seed: int, tp_rank: int = 0) -> None:
+    """Seed python, numpy, torch and megatron's tensor-parallel RNG tracker."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # on CPU megatron's CUDA seeding below is a no-op for the default generator
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0,
+                                                    force_reset_rng=True)
+    torch.manual_seed(seed)
+
+
+def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
+    """Start (or reuse) torch.distributed and build megatron-core's parallel state for ``config``."""
+    cpu_compat.apply()
+    _init_process_group(config.timeout_minutes)
+    world_size = dist.get_world_size()
+    config.check_world_size(world_size)
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=config.tp,
+        pipeline_model_parallel_size=config.pp,
+        virtual_pipeline_model_parallel_size=config.vpp,
+        distributed_timeout_minutes=config.timeout_minutes,
+    )
+    runtime = ParallelRuntime(
+        config=config,
+        world_size=world_size,
+        rank=dist.get_rank(),
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        device=torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+        else torch.device("cpu"),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        pp_group=ps.get_pipeline_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        mp_group=ps.get_model_parallel_group(),
+        embd_group=ps.get_embedding_group(check_initialized=False),
+        dp_gloo_group=ps.get_data_parallel_group_gloo() if torch.cuda.is_available() else None,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    seed_everything(seed, tp_rank=runtime.tp_rank)
+    return runtime
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

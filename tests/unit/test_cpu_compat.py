@@ -1,0 +1,73 @@
+"""The CPU patches: applied only without CUDA, and a no-op when CUDA is reported available."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+from tests.harness import REPO_ROOT, worker_env
+
+
+def _run(code: str) -> str:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=worker_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def test_no_patch_when_cuda_is_reported_available():
+    out = _run("""
+        import torch
+        torch.cuda.is_available = lambda: True
+        from megatron.core.tensor_parallel import random as mp_random
+        before = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.Event,
+                  mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state,
+                  mp_random.CudaRNGStatesTracker.add)
+        from megatron_opsd import cpu_compat
+        from torch.overrides import _get_current_function_mode_stack
+        assert cpu_compat.apply() is False
+        after = (torch.cuda.current_device, torch.cuda.synchronize, torch.cuda.Event,
+                 mp_random._get_cuda_rng_state, mp_random._set_cuda_rng_state,
+                 mp_random.CudaRNGStatesTracker.add)
+        assert before == after, "a patch was applied although CUDA is available"
+        assert not _get_current_function_mode_stack(), "a torch function mode was entered"
+        assert not cpu_compat.enabled()
+        print("untouched")
+    """)
+    assert "untouched" in out
+
+
+def test_patches_make_cuda_placements_land_on_cpu():
+    out = _run("""
+        import torch
+        from megatron_opsd import cpu_compat
+        assert cpu_compat.apply() is True
+        x = torch.zeros(2, device=torch.cuda.current_device())
+        y = torch.ones(2).cuda()
+        z = torch.ones(2).to("cuda")
+        w = torch.empty(3, device="cuda:0")
+        assert {t.device.type for t in (x, y, z, w)} == {"cpu"}
+        assert torch.ones(1).type() == "torch.cuda.FloatTensor"  # megatron's optimizer type checks
+        from megatron.core.tensor_parallel import random as mp_random
+        mp_random.model_parallel_cuda_manual_seed(5, tp_rank=0, ep_rank=0, etp_rank=0)
+        tracker = mp_random.get_cuda_rng_tracker()
+        with tracker.fork():
+            a = torch.rand(3)
+        torch.manual_seed(0)
+        with tracker.fork():
+            b = torch.rand(3)
+        assert not torch.equal(a, b), "the tracker state should advance between forks"
+        print("ok")
+    """)
+    assert "ok" in out
+
+
+def test_version_is_asserted(monkeypatch):
+    from megatron_opsd import cpu_compat
+
+    monkeypatch.setattr(cpu_compat, "SUPPORTED_MEGATRON_CORE", "0.0.1")
+    import pytest
+
+    with pytest.raises(RuntimeError, match="written for megatron-core 0.0.1"):
+        cpu_compat._check_version()
