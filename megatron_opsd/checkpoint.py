@@ -36,6 +36,13 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     return getattr(chunk, "module", chunk)
 
 
+def maybe_inject_fault(point: str) -> None:
+    """Tests simulate a crash with MEGATRON_OPSD_FAULT=<point> (``mid_save``, ``after_step:N``)."""
+    if os.environ.get("MEGATRON_OPSD_FAULT") == point:
+        print(f"injected fault at {point}", flush=True)
+        os._exit(17)
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -52,6 +59,7 @@ def atomic_save(save_fn, directory: str | Path) -> Path:
     _barrier()
     save_fn(tmp)
     _barrier()
+    maybe_inject_fault("mid_save")
     if rank == 0:
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
@@ -87,8 +95,10 @@ def read_model_json(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(json.loads(path.read_text()))
 
 
-def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: str | None = None) -> None:
-    """Load model weights saved by ``save_model`` (or a training checkpoint) into ``chunks``."""
+def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: str | None = None,
+               strict: str = "raise_all") -> None:
+    """Load model weights saved by ``save_model`` (or, with ``strict="assume_ok_unexpected"``, the model
+    part of a training checkpoint) into ``chunks``."""
     from megatron.core import dist_checkpointing
 
     directory = Path(directory)
@@ -97,8 +107,153 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: 
     sharded = model_sharded_state_dict(chunks)
     if prefix:
         sharded = {prefix: sharded}
-    state = dist_checkpointing.load(sharded, str(directory), strict="raise_all")
+    state = dist_checkpointing.load(sharded, str(directory), strict=strict)
     if prefix:
         state = state[prefix]
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         _unwrap(chunk).load_state_dict(state[key], strict=True)
+
+
+# ---- training checkpoints ---------------------------------------------------------------------
+#
+# root/
+#   step_0000010/        dist checkpoint: model, optimizer, (teacher), RNG; common: step, scheduler,
+#                        data cursor, layout; plus model.json
+#   latest               text file naming the newest complete step directory (replaced atomically)
+
+LATEST = "latest"
+# Distributed-optimizer state format. fully_reshardable (gathered per DP group at save) loads at any
+# TP/PP/DP; dp_reshardable (no gather, fully parallel) only at another DP size.
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
+
+
+def step_dir(root: str | Path, step: int) -> Path:
+    return Path(root) / f"step_{step:07d}"
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    pointer = Path(root) / LATEST
+    if not pointer.is_file():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / MODEL_JSON).is_file():
+        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
+    return path
+
+
+def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: bool, with_rng: bool,
+                    optimizer_format: str = "fully_reshardable") -> dict:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    state = model_sharded_state_dict(chunks)
+    if optimizer is not None:
+        if is_loading:
+            _materialise_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                          metadata={"distrib_optim_sharding_type": optimizer_format})
+    if teacher_chunks:
+        state["teacher"] = {key: _unwrap(c).sharded_state_dict(prefix="teacher.")
+                            for key, c in zip(_chunk_keys(len(teacher_chunks)), teacher_chunks)}
+    if with_rng:
+        rng = {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
+               "numpy": __import__("numpy").random.get_state()}
+        state["rng"] = ShardedObject("rng_state", rng, (runtime.pp, runtime.tp, runtime.dp),
+                                     (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=0)
+    return state
+
+
+def _materialise_optimizer_state(optimizer) -> None:
+    """A fresh distributed optimizer has no per-parameter state (not even ``step``) to load into:
+    create it with one zero-gradient step, as megatron-core does for its FSDP format. The weights it
+    touches are overwritten by the load that follows."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer) and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+def _load_optimizer(optimizer, state: dict) -> None:
+    """``optimizer.load_state_dict`` with a work-around for megatron-core 0.16.1 without Apex/TE:
+    the distributed optimizer's ``load_state_dict`` adds torch Adam's ``step`` to every parameter
+    state and then ``load_parameter_state_from_fully_reshardable`` fails looking for ``step`` among
+    the loaded tensors (it skips ``step`` when saving). The step is set aside around that copy."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    if len(inner) != 1 or not isinstance(inner[0], DistributedOptimizer) or \
+            state.get("param_state_sharding_type") != "fully_reshardable":
+        optimizer.load_state_dict(state)
+        return
+    opt = inner[0]
+    param_state = state.pop("param_state")
+    state.pop("param_state_sharding_type")
+    opt.load_state_dict(state)
+    steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+    opt.load_parameter_state_from_fully_reshardable(param_state)
+    for p, step in steps.items():
+        opt.optimizer.state[p]["step"] = step
+
+
+def save_training(root: str | Path, step: int, *, chunks, optimizer, teacher_chunks, runtime, model: ModelConfig,
+                  common: dict, keep_last: int, optimizer_format: str = "fully_reshardable") -> Path:
+    """Atomically write step ``step`` and move the ``latest`` pointer; prune to ``keep_last``."""
+    from megatron.core import dist_checkpointing
+
+    root = Path(root)
+    target = step_dir(root, step)
+
+    def write(tmp: Path) -> None:
+        state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=False, with_rng=True,
+                                optimizer_format=optimizer_format)
+        state["common"] = {**common, "step": step, "layout": [runtime.tp, runtime.pp, runtime.dp],
+                           "optimizer_format": optimizer_format}
+        dist_checkpointing.save(state, str(tmp))
+        if dist.get_rank() == 0:
+            write_model_json(model, tmp)
+
+    atomic_save(write, target)
+    if dist.get_rank() == 0:
+        pointer_tmp = root / (LATEST + ".tmp")
+        pointer_tmp.write_text(target.name)
+        os.replace(pointer_tmp, root / LATEST)
+        if keep_last:
+            for old in sorted(root.glob("step_*"))[:-keep_last]:
+                if old.is_dir() and not old.name.endswith((".tmp", ".old")):
+                    shutil.rmtree(old, ignore_errors=True)
+    _barrier()
+    return target
+
+
+def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtime) -> dict:
+    """Restore model, optimizer, teacher (and RNG when the layout is unchanged); return ``common``."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(path)
+    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
+    same_layout = list(common["layout"]) == [runtime.tp, runtime.pp, runtime.dp]
+    state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=True, with_rng=same_layout,
+                            optimizer_format=common["optimizer_format"])
+    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if optimizer is not None:
+        _load_optimizer(optimizer, loaded["optimizer"])
+    if teacher_chunks:
+        for key, chunk in zip(_chunk_keys(len(teacher_chunks)), teacher_chunks):
+            _unwrap(chunk).load_state_dict(
+                {k.removeprefix("teacher."): v for k, v in loaded["teacher"][key].items()}, strict=True)
+    if same_layout and "rng" in loaded:
+        rng = loaded["rng"]
+        torch.set_rng_state(rng["torch"])
+        __import__("random").setstate(rng["python"])
+        __import__("numpy").random.set_state(rng["numpy"])
+    return common
+
+
+def load_weights(chunks, directory: str | Path) -> None:
+    """Model weights from a converted checkpoint or a training checkpoint (root or step directory)."""
+    directory = Path(directory)
+    if (directory / LATEST).is_file():
+        directory = latest_checkpoint(directory)
+    load_model(chunks, directory, strict="assume_ok_unexpected")

@@ -9,13 +9,96 @@ against the parallel layout). The world size is checked when the runtime starts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from megatron_opsd.config_io import describe, doc, load
 from megatron_opsd.data.config import DataConfig
 from megatron_opsd.engine import OptimConfig
 from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.provider import ModelBuildConfig
+from megatron_opsd.opsd.config import LossConfig
 from megatron_opsd.parallel import ParallelConfig
+
+
+@dataclass
+class RolloutConfig:
+    """On-policy sampling from the student (the paper: T=1.1, top-p 0.95, top-k 20, 1024 tokens)."""
+
+    temperature: float = doc("Sampling temperature.", default=1.1)
+    top_p: float = doc("Nucleus mass; 1 disables.", default=0.95)
+    top_k: int = doc("Top-k; 0 disables.", default=20)
+    max_new_tokens: int = doc("Longest sampled response (tokens).", default=1024)
+    samples_per_prompt: int = doc("Responses per problem per step (the paper: 1).", default=1)
+    max_batch_size: int | None = doc("Prompts decoded together; null = all of this rank's.", default=None)
+    kv_cache: bool = doc("KV-cached decoding (false: recompute, for debugging).", default=True)
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"rollout.samples_per_prompt={self.samples_per_prompt} must be >= 1")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"rollout.temperature={self.temperature} must be positive")
+
+
+@dataclass
+class TrainConfig:
+    """The loop: how many steps, how big, from which weights."""
+
+    steps: int = doc("Optimizer steps.", default=100)
+    prompts_per_step: int = doc("Problems per step over all data-parallel ranks (the paper: 32).",
+                                default=32)
+    micro_batch_size: int = doc("Pairs per micro-batch (per data-parallel rank).", default=1)
+    load: str | None = doc(
+        "Initial weights: a converted or training checkpoint directory (model weights only); null = "
+        "random init (tests) or the embedded base model when warmup_sft_steps > 0.", default=None)
+    warmup_sft_steps: int = doc(
+        "Embedded default: first make a base model by this many SFT steps on the reference solutions "
+        "(cached under checkpoint.dir/../base-<hash>); 0 = off.", default=0)
+    warmup_lr: float = doc("Learning rate of the SFT warm-up.", default=3e-3)
+    eval_every: int = doc("Evaluate every N steps (0: only before and after training).", default=0)
+    eval_problems: int = doc("Held-out problems per evaluation (0: all).", default=200)
+    eval_greedy: bool = doc("Greedy decoding for evaluation (else the rollout sampling settings).",
+                            default=True)
+    eval_max_new_tokens: int | None = doc("Evaluation response budget; null = rollout.max_new_tokens.",
+                                          default=None)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.warmup_sft_steps < 0 or self.eval_every < 0 or self.eval_problems < 0:
+            raise ValueError("train.warmup_sft_steps, train.eval_every and train.eval_problems must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints (megatron-core dist_checkpointing; atomic; resumable at another layout)."""
+
+    dir: str = doc("Where step_XXXXXXX checkpoints and the `latest` pointer go.", default="runs/opsd/checkpoints")
+    save_every: int = doc("Save every N steps (0: only at the end and on SIGTERM).", default=0)
+    keep_last: int = doc("Keep the newest N checkpoints (0: keep all).", default=2)
+    resume: bool = doc("Resume from the latest checkpoint in `dir` when there is one.", default=True)
+    optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = doc(
+        "Distributed-optimizer state: fully_reshardable resumes at any TP/PP/DP (gathers each DP group's "
+        "state at save); dp_reshardable saves fully in parallel but resumes only at another DP size.",
+        default="fully_reshardable")
+
+    def __post_init__(self) -> None:
+        if self.save_every < 0 or self.keep_last < 0:
+            raise ValueError("checkpoint.save_every and checkpoint.keep_last must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    """Metrics outputs."""
+
+    dir: str = doc("metrics.jsonl and TensorBoard events go here.", default="runs/opsd/logs")
+    tensorboard: bool = doc("Write TensorBoard events (needs the tensorboard package).", default=True)
+    wandb_project: str | None = doc("Log to Weights & Biases when set and wandb is installed.", default=None)
+    progress_bar: bool = doc("A tqdm progress bar on rank 0.", default=True)
+    detailed_metrics: bool = doc("Entropies, raw divergence and clip fraction (3 extra no-grad vocab "
+                                 "passes per micro-batch).", default=True)
 
 
 @dataclass
@@ -27,12 +110,19 @@ class JobConfig:
     parallel: ParallelConfig = doc("TP/PP/VPP layout; DP is derived.", default_factory=ParallelConfig)
     optim: OptimConfig = doc("Optimizer and LR schedule.", default_factory=OptimConfig)
     data: DataConfig = doc("Problems, tokenizer, templates, length budget.", default_factory=DataConfig)
+    rollout: RolloutConfig = doc("On-policy sampling.", default_factory=RolloutConfig)
+    loss: LossConfig = doc("Divergence, teacher, baselines.", default_factory=LossConfig)
+    train: TrainConfig = doc("Loop sizes, initial weights, evaluation.", default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = doc("Checkpoints.", default_factory=CheckpointConfig)
+    logging: LoggingConfig = doc("Metrics outputs.", default_factory=LoggingConfig)
     seed: int = doc("Global seed (weights init, sampling, data order).", default=1234)
 
     def __post_init__(self) -> None:
         self.parallel.check_model(self.model.num_hidden_layers, self.model.num_attention_heads,
                                   self.model.num_key_value_heads)
         self.model.check_sequence_length(self.data.max_seq_len)
+        if self.loss.mode == "opd" and self.loss.teacher != "initial":
+            raise ValueError("loss.mode=opd uses the teacher checkpoint as is: leave loss.teacher=initial")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> JobConfig:

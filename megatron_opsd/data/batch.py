@@ -72,8 +72,11 @@ def _padded_length(longest: int, multiple: int) -> int:
     return -(-longest // multiple) * multiple
 
 
-def _side(sequences: Sequence[list[int]], pad_id: int, multiple: int) -> SideBatch:
-    num, length = len(sequences), _padded_length(max(map(len, sequences)), multiple)
+def _side(sequences: Sequence[list[int]], pad_id: int, multiple: int, length: int | None = None) -> SideBatch:
+    num, longest = len(sequences), max(map(len, sequences))
+    if length is not None and length < longest:
+        raise ValueError(f"cannot pad to length {length}: the longest sequence has {longest} tokens")
+    length = length if length is not None else _padded_length(longest, multiple)
     tokens = torch.full((num, length), pad_id, dtype=torch.long)
     for b, ids in enumerate(sequences):
         tokens[b, :len(ids)] = torch.tensor(ids, dtype=torch.long)
@@ -138,3 +141,19 @@ def gather_response_positions(x: torch.Tensor, index: torch.Tensor, *,
                          f"{tuple(x.shape)} in layout {layout!r}: expected [B={x.shape[batch_dim]}, R]")
     rows = torch.arange(index.shape[0], device=index.device)[:, None]
     return x[index, rows] if layout == "lbd" else x[rows, index]
+
+
+def pad_to_lengths(batch: OPSDMicroBatch, student_len: int, teacher_len: int, pad_id: int) -> OPSDMicroBatch:
+    """The same micro-batch with each side right-padded to a fixed length (index maps are unchanged).
+
+    Interleaved pipelines exchange fixed-shape messages, so every micro-batch of a step gets the
+    step's longest lengths.
+    """
+
+    def repad(side: SideBatch, length: int) -> SideBatch:
+        rows = [side.tokens[b, :n].tolist() for b, n in enumerate(side.lengths.tolist())]
+        return _side(rows, pad_id, 1, length)
+
+    return OPSDMicroBatch(student=repad(batch.student, student_len), teacher=repad(batch.teacher, teacher_len),
+                          response_ids=batch.response_ids, loss_mask=batch.loss_mask,
+                          student_index=batch.student_index, teacher_index=batch.teacher_index)

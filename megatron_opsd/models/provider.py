@@ -28,6 +28,9 @@ class ModelBuildConfig:
         "Activation recompute: none, full (every layer, uniform) or selective (core attention).",
         default="none")
     init_method_std: float = doc("Std of the random init (when not loading weights).", default=0.02)
+    init_weights: bool = doc(
+        "Randomly initialise weights; off leaves them uninitialised (faster, no full-size temporaries) "
+        "for callers that load every weight right after (checkpoint conversion).", default=True)
     transformer_engine: Literal["auto", "on", "off"] = doc(
         "Layer spec: auto = TE when importable and CUDA present; off = local spec.", default="auto")
 
@@ -78,6 +81,7 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=build.init_method_std,
+        perform_initialization=build.init_weights,
         tensor_model_parallel_size=runtime.tp,
         pipeline_model_parallel_size=runtime.pp,
         virtual_pipeline_model_parallel_size=runtime.vpp,

@@ -1,0 +1,8 @@
+"""The OPSD step: teacher and student context passes in one megatron-core pipeline schedule."""
+
+from megatron_opsd.opsd.config import LossConfig
+from megatron_opsd.opsd.step import NonFiniteError, StepContext, run_schedule, train_step
+from megatron_opsd.opsd.teacher import EMATeacher, FrozenTeacher, Teacher, check_teacher_isolated
+
+__all__ = ["EMATeacher", "FrozenTeacher", "LossConfig", "NonFiniteError", "StepContext", "Teacher",
+           "check_teacher_isolated", "run_schedule", "train_step"]

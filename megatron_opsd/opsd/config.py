@@ -1,0 +1,54 @@
+"""The loss section: what is distilled, from which teacher, with which divergence."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from megatron_opsd.config_io import doc
+
+
+@dataclass
+class LossConfig:
+    """OPSD (the method), or a baseline in the same machinery."""
+
+    mode: Literal["opsd", "opd", "sft"] = doc(
+        "opsd: teacher = the model conditioned on problem + reference solution; opd: teacher = a "
+        "separate checkpoint (same architecture and tokenizer) on the student's context; sft: "
+        "cross-entropy on the reference solution (no rollout, no teacher).", default="opsd")
+    divergence: Literal["forward_kl", "reverse_kl", "jsd", "sampled_token"] = doc(
+        "Per-token divergence D(p_T || p_S) (the paper: forward_kl); sampled_token is the "
+        "advantage-weighted log-likelihood of the sampled token (comparison only).", default="forward_kl")
+    beta: float = doc("JSD mixture weight (0 = forward KL, 1 = reverse KL).", default=0.5)
+    clip: float | None = doc(
+        "Per-entry cap tau on each vocabulary term before the sum (paper: 0.05; 0.06 for 8B); null "
+        "disables.", default=0.05)
+    temperature: float | None = doc(
+        "Both logits are divided by it; null = the rollout sampling temperature (the paper).", default=None)
+    top_k: int | None = doc("Restrict both distributions to the teacher's top-k ids; null = full vocab.",
+                            default=None)
+    top_k_tail: bool = doc("With top_k: add a tail bucket holding the remaining mass.", default=True)
+    teacher: Literal["live", "initial", "ema"] = doc(
+        "Teacher weights: live (current weights, no extra memory), initial (frozen copy of the "
+        "starting weights; the paper), ema (moving average updated after each optimizer step).",
+        default="initial")
+    ema_decay: float = doc("EMA teacher decay per optimizer step.", default=0.999)
+    opd_teacher_load: str | None = doc("mode=opd: the teacher checkpoint directory.", default=None)
+    chunk_size: int | None = doc("Tokens per chunk in the divergence kernels; null = automatic.",
+                                 default=None)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"loss.beta={self.beta} must lie in [0, 1]")
+        if self.clip is not None and self.clip <= 0:
+            raise ValueError(f"loss.clip={self.clip} must be positive (or null to disable clipping)")
+        if self.temperature is not None and self.temperature <= 0:
+            raise ValueError(f"loss.temperature={self.temperature} must be positive")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"loss.top_k={self.top_k} must be >= 1 (or null for the full vocabulary)")
+        if self.top_k is not None and self.divergence == "sampled_token":
+            raise ValueError("loss.top_k has no meaning with divergence=sampled_token: set top_k: null")
+        if not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"loss.ema_decay={self.ema_decay} must lie in (0, 1)")
+        if self.mode == "opd" and not self.opd_teacher_load:
+            raise ValueError("loss.mode=opd needs loss.opd_teacher_load: the teacher checkpoint directory")

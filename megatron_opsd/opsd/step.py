@@ -1,0 +1,277 @@
+"""The OPSD step: teacher and student context passes of each micro-batch in one pipeline schedule.
+
+Per micro-batch, on every pipeline stage (chunk):
+
+    teacher part   no_grad, teacher weights, teacher context  [L_t, B, H]
+    student part   autograd, student weights, student context [L_s, B, H]
+    to next stage  cat([student, teacher], dim=0)              [L_s + L_t, B, H]
+
+so teacher activations are never stored for backward. On the last stage the output layer runs only
+at the response positions of each context (a forward pre-hook selects them), giving vocab-sharded
+logits [B, R, V/TP] for both; the teacher's live only for their own micro-batch, inside the loss
+function. The loss is ``vocab_parallel_divergence`` (or a variant) summed over response tokens.
+
+Normalisation: the loss is the mean over every response token of the step, across all micro-batches
+and data-parallel ranks. Each micro-batch's loss function returns (sum over its tokens, its token
+count); with ``calculate_per_token_loss`` megatron-core's ``finalize_model_grads`` divides the summed
+gradients by the token count summed over micro-batches and DP ranks. Loss and gradients therefore do
+not depend on the layout or the number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.distributed as dist
+
+from megatron_opsd.data.batch import OPSDMicroBatch, gather_response_positions, pad_to_lengths
+from megatron_opsd.engine import forward_backward
+from megatron_opsd.losses import (
+    sampled_token_advantage_loss,
+    vocab_parallel_divergence,
+    vocab_parallel_entropy,
+    vocab_parallel_token_logprobs,
+    vocab_parallel_topk_divergence,
+)
+from megatron_opsd.opsd.config import LossConfig
+from megatron_opsd.opsd.teacher import Teacher, unwrap
+from megatron_opsd.parallel import ParallelRuntime
+
+
+class NonFiniteError(FloatingPointError):
+    """NaN or Inf in a loss or gradient; the step and micro-batch are named."""
+
+
+class ResponseProjection:
+    """Makes a GPTModel's output layer run only at selected positions (a forward pre-hook)."""
+
+    def __init__(self, chunk: torch.nn.Module):
+        self.index: torch.Tensor | None = None
+        output_layer = getattr(chunk, "output_layer", None)
+        if output_layer is not None and getattr(chunk, "post_process", False):
+            if getattr(output_layer, "sequence_parallel", False):
+                raise ValueError("sequence parallelism is not supported by the OPSD step yet: the output "
+                                 "layer's input is sequence-sharded; set parallel.sequence_parallel=false")
+            output_layer.register_forward_pre_hook(self._select, with_kwargs=True)
+
+    def _select(self, module, args, kwargs):
+        if self.index is None:
+            return None
+        hidden_lbh = args[0]
+        selected_rbh = gather_response_positions(hidden_lbh, self.index).transpose(0, 1).contiguous()
+        return (selected_rbh, *args[1:]), kwargs
+
+    @contextlib.contextmanager
+    def at(self, index: torch.Tensor):
+        self.index = index
+        try:
+            yield
+        finally:
+            self.index = None
+
+
+def _projection(chunk: torch.nn.Module) -> ResponseProjection:
+    if not hasattr(chunk, "_opsd_projection"):
+        chunk._opsd_projection = ResponseProjection(chunk)
+    return chunk._opsd_projection
+
+
+@dataclass
+class StepContext:
+    """What the forward step needs besides the micro-batch."""
+
+    runtime: ParallelRuntime
+    loss: LossConfig
+    temperature: float
+    vocab_size: int
+    teacher: Teacher | None  # None for sft
+    step: int = 0
+    detailed_metrics: bool = True
+    num_microbatches_seen: int = field(default=0)
+
+
+def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_iterator, model):
+    """megatron-core forward step: ``(output_tensor, loss_func)`` for one OPSD micro-batch."""
+    index, batch = next(data_iterator)
+    student = unwrap(model)
+    chunk_id = next(i for i, c in enumerate(student_chunks) if unwrap(c) is student)
+    last = bool(student.post_process)
+    received = student.decoder.input_tensor  # set by the schedule; None where this chunk embeds
+    len_s = batch.student.tokens.shape[1]
+    student_in = teacher_in = None
+    if received is not None:
+        student_in, teacher_in = received[:len_s], received[len_s:]
+
+    teacher_out = None
+    if ctx.teacher is not None:
+        teacher = ctx.teacher.chunks[chunk_id]
+        with torch.no_grad(), _projection(teacher).at(batch.teacher_index if last else None):
+            teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
+            teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
+                                  batch.teacher.attention_mask)
+
+    student.set_input_tensor(student_in)
+    with _projection(student).at(batch.student_index if last else None):
+        student_out = model(batch.student.tokens, batch.student.position_ids, batch.student.attention_mask)
+
+    if not last:
+        if teacher_out is None:
+            return student_out, None
+        return torch.cat([student_out, teacher_out], dim=0), None
+    return student_out, partial(loss_func, ctx, index, batch, teacher_out)
+
+
+def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logits: torch.Tensor | None,
+              student_logits: torch.Tensor):
+    """(sum of per-token losses, response-token count, metric sums) for one micro-batch."""
+    cfg, tp_group, vocab = ctx.loss, ctx.runtime.tp_group, ctx.vocab_size
+    mask = batch.loss_mask
+    common = dict(temperature=ctx.temperature, vocab_size=vocab, tp_group=tp_group)
+    if cfg.mode == "sft":
+        per_token = -vocab_parallel_token_logprobs(student_logits, batch.response_ids, vocab_size=vocab,
+                                                   tp_group=tp_group)
+    elif cfg.divergence == "sampled_token":
+        logp_s = vocab_parallel_token_logprobs(student_logits, batch.response_ids, **common)
+        logp_t = vocab_parallel_token_logprobs(teacher_logits, batch.response_ids, **common)
+        per_token = sampled_token_advantage_loss(logp_s, logp_t)
+    elif cfg.top_k is not None:
+        per_token = vocab_parallel_topk_divergence(
+            student_logits, teacher_logits, k=cfg.top_k, tail=cfg.top_k_tail, divergence=cfg.divergence,
+            beta=cfg.beta, clip=cfg.clip, chunk_size=cfg.chunk_size, **common)
+    else:
+        per_token = vocab_parallel_divergence(
+            student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip,
+            chunk_size=cfg.chunk_size, **common)
+    loss_sum = (per_token * mask).sum()
+    num_tokens = mask.sum()
+    metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach()}
+    if not torch.isfinite(loss_sum):
+        # Raised after the schedule on every rank (raising here would leave the other stages waiting).
+        metrics["nonfinite_microbatch"] = index + 1
+    if ctx.detailed_metrics:
+        metrics.update(_detailed_metrics(ctx, batch, student_logits, teacher_logits, per_token))
+    return loss_sum, num_tokens.to(torch.int), metrics
+
+
+@torch.no_grad()
+def _detailed_metrics(ctx: StepContext, batch, student_logits, teacher_logits, per_token) -> dict:
+    cfg, mask = ctx.loss, batch.loss_mask
+    common = dict(temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group,
+                  chunk_size=cfg.chunk_size)
+    out = {"entropy_student_sum": (vocab_parallel_entropy(student_logits, **common) * mask).sum()}
+    if teacher_logits is None:
+        return out
+    out["entropy_teacher_sum"] = (vocab_parallel_entropy(teacher_logits, **common) * mask).sum()
+    divergence = cfg.divergence if cfg.divergence != "sampled_token" else "forward_kl"
+    raw = vocab_parallel_divergence(student_logits.detach(), teacher_logits, divergence=divergence,
+                                    beta=cfg.beta, clip=None, **common)
+    out["divergence_sum"] = (raw * mask).sum()
+    if cfg.clip is not None and cfg.divergence != "sampled_token" and cfg.top_k is None:
+        # a token counts as clipped when capping its entries changed its divergence
+        clipped = (raw - per_token.detach()).abs() > 1e-6 * (1 + raw.abs())
+        out["clipped_tokens"] = (clipped.float() * mask).sum()
+    return out
+
+
+def pad_for_interleaving(batches: list[OPSDMicroBatch], pad_id: int) -> list[OPSDMicroBatch]:
+    len_s = max(b.student.tokens.shape[1] for b in batches)
+    len_t = max(b.teacher.tokens.shape[1] for b in batches)
+    return [pad_to_lengths(b, len_s, len_t, pad_id) for b in batches]
+
+
+def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: list[OPSDMicroBatch], *,
+                 pad_id: int, forward_only: bool = False) -> dict:
+    """Forward (and backward) of this DP rank's micro-batches; returns globally reduced metrics."""
+    runtime = ctx.runtime
+    if runtime.vpp is not None:
+        batches = pad_for_interleaving(batches, pad_id)
+    batches = [b.to(runtime.device) for b in batches]
+    items = list(enumerate(batches))
+    iterators = [iter(items) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(items)
+    longest = max(b.student.tokens.shape[1] + b.teacher.tokens.shape[1] for b in batches)
+    stored = forward_backward(
+        ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,
+        num_microbatches=len(batches), seq_length=longest, micro_batch_size=batches[0].loss_mask.shape[0],
+        forward_only=forward_only)
+    return reduce_metrics(stored, runtime)
+
+
+METRIC_KEYS = ("loss_sum", "tokens", "entropy_student_sum", "entropy_teacher_sum", "divergence_sum",
+               "clipped_tokens")
+
+
+def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
+    """Sum the micro-batch metrics over micro-batches and DP ranks; share them with every stage."""
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    present = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    for item in stored:
+        for i, key in enumerate(METRIC_KEYS):
+            if key in item:
+                sums[i] += float(item[key])
+                present[i] = 1
+    bad = max((int(item.get("nonfinite_microbatch", 0)) for item in stored), default=0)
+    both = torch.cat([sums, present, torch.tensor([float(bad)], dtype=torch.float64)])
+    if runtime.pp > 1:  # metrics exist on the last stage only
+        dist.broadcast(both, src=runtime.last_stage_global_rank, group=runtime.pp_group)
+    sums, present, bad = both.split([len(METRIC_KEYS), len(METRIC_KEYS), 1])
+    dist.all_reduce(sums, group=runtime.dp_group)
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=runtime.dp_group)
+    if bad.item():
+        raise NonFiniteError(f"non-finite loss in micro-batch {int(bad.item()) - 1} (of some data-parallel "
+                             "rank): the step was not applied")
+    tokens = max(sums[1].item(), 1.0)
+    out = {"loss": sums[0].item() / tokens, "response_tokens": int(sums[1].item())}
+    names = {"entropy_student_sum": "entropy_student", "entropy_teacher_sum": "entropy_teacher",
+             "divergence_sum": "divergence", "clipped_tokens": "clip_fraction"}
+    for i, key in enumerate(METRIC_KEYS[2:], start=2):
+        if present[i]:
+            out[names[key]] = sums[i].item() / tokens
+    return out
+
+
+def zero_grads(ddp_chunks: list[torch.nn.Module], optimizer) -> None:
+    for chunk in ddp_chunks:
+        chunk.zero_grad_buffer()
+    if optimizer is not None:
+        optimizer.zero_grad()
+
+
+def optimizer_step(optimizer, clip_grad: float, step: int) -> float:
+    """megatron-core optimizer step with a finite-gradient check before any update is applied.
+
+    Returns the global gradient norm before clipping.
+    """
+    found_inf = optimizer.prepare_grads()
+    grad_norm = optimizer.get_grad_norm()
+    if found_inf or not math.isfinite(grad_norm):
+        raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) at step {step}: no update applied")
+    if clip_grad > 0:
+        optimizer.clip_grad_norm(clip_grad)
+    optimizer.step_with_ready_grads()
+    return grad_norm
+
+
+def train_step(ctx: StepContext, ddp_chunks: list[torch.nn.Module], optimizer, batches: list[OPSDMicroBatch],
+               *, pad_id: int, clip_grad: float, scheduler=None) -> dict:
+    """One optimizer step on this DP rank's micro-batches; returns metrics (same on every rank)."""
+    start = time.perf_counter()
+    zero_grads(ddp_chunks, optimizer)
+    try:
+        metrics = run_schedule(ctx, ddp_chunks, batches, pad_id=pad_id)
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"step {ctx.step}: {exc}") from None
+    metrics["grad_norm"] = optimizer_step(optimizer, clip_grad, ctx.step)
+    if ctx.teacher is not None:
+        ctx.teacher.after_optimizer_step(ddp_chunks)
+    if scheduler is not None:
+        scheduler.step(increment=1)
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+    elapsed = time.perf_counter() - start
+    metrics["step_time_s"] = elapsed
+    metrics["tokens_per_s"] = metrics["response_tokens"] / max(elapsed, 1e-9)
+    return metrics

@@ -1,0 +1,23 @@
+"""The OPSD step: layout invariance against the single-process TP1/PP1/DP1 run; teacher modes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.harness import run_torchrun
+
+WORKERS = Path(__file__).parent / "workers"
+
+
+@pytest.mark.distributed
+def test_opsd_step_is_layout_invariant(tmp_path):
+    ref = tmp_path / "reference.json"
+    out = run_torchrun(WORKERS / "opsd_step.py", 1, ref)
+    assert "opsd_step reference: done" in out, out[-5000:]
+    out = run_torchrun(WORKERS / "opsd_step.py", 4, ref)
+    assert "opsd_step: all checks passed" in out, out[-5000:]
+    for layout in ("TP2 ", "TP2 recompute", "PP2 ", "TP2xPP2", "PP2xVPP2", "TP4", "DP4", "teacher=initial",
+                   "teacher=ema"):
+        assert layout in out, f"{layout!r} did not run:\n{out[-5000:]}"
