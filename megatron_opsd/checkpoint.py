@@ -37,9 +37,14 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def maybe_inject_fault(point: str) -> None:
-    """Tests simulate a crash with MEGATRON_OPSD_FAULT=<point> (``mid_save``, ``after_step:N``)."""
+    """Tests simulate a crash with MEGATRON_OPSD_FAULT=<point> (``mid_save:step_0000002``,
+    ``after_step:3``): the process exits at once, as a killed job would."""
     if os.environ.get("MEGATRON_OPSD_FAULT") == point:
+        import psutil
+
         print(f"injected fault at {point}", flush=True)
+        for child in psutil.Process().children(recursive=True):  # checkpoint writer helpers die too
+            child.kill()
         os._exit(17)
 
 
@@ -59,7 +64,7 @@ def atomic_save(save_fn, directory: str | Path) -> Path:
     _barrier()
     save_fn(tmp)
     _barrier()
-    maybe_inject_fault("mid_save")
+    maybe_inject_fault(f"mid_save:{directory.name}")
     if rank == 0:
         old = directory.with_name(directory.name + ".old")
         if directory.exists():
@@ -174,25 +179,31 @@ def _materialise_optimizer_state(optimizer) -> None:
 
 
 def _load_optimizer(optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict`` with a work-around for megatron-core 0.16.1 without Apex/TE:
-    the distributed optimizer's ``load_state_dict`` adds torch Adam's ``step`` to every parameter
+    """``optimizer.load_state_dict`` with two work-arounds for megatron-core 0.16.1 with torch's Adam
+    (no Apex/TE). The distributed optimizer's ``load_state_dict`` adds ``step`` to every parameter
     state and then ``load_parameter_state_from_fully_reshardable`` fails looking for ``step`` among
-    the loaded tensors (it skips ``step`` when saving). The step is set aside around that copy."""
+    the loaded tensors (it skips ``step`` when saving): the step is set aside around that copy."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     if len(inner) != 1 or not isinstance(inner[0], DistributedOptimizer) or \
             state.get("param_state_sharding_type") != "fully_reshardable":
         optimizer.load_state_dict(state)
-        return
-    opt = inner[0]
-    param_state = state.pop("param_state")
-    state.pop("param_state_sharding_type")
-    opt.load_state_dict(state)
-    steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
-    opt.load_parameter_state_from_fully_reshardable(param_state)
-    for p, step in steps.items():
-        opt.optimizer.state[p]["step"] = step
+    else:
+        opt = inner[0]
+        param_state = state.pop("param_state")
+        state.pop("param_state_sharding_type")
+        opt.load_state_dict(state)
+        steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+        opt.load_parameter_state_from_fully_reshardable(param_state)
+        for p, step in steps.items():
+            opt.optimizer.state[p]["step"] = step
+    # The same load hands every parameter one shared ``step`` tensor, which torch Adam increments in
+    # place once per parameter: bias correction would jump ahead after a resume. One tensor each.
+    for opt in inner:
+        for param_state in getattr(opt, "optimizer", opt).state.values():
+            if torch.is_tensor(param_state.get("step")):
+                param_state["step"] = param_state["step"].clone()
 
 
 def save_training(root: str | Path, step: int, *, chunks, optimizer, teacher_chunks, runtime, model: ModelConfig,

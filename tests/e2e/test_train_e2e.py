@@ -1,0 +1,144 @@
+"""The OPSD job end to end: torchrun launches of megatron_opsd.train on a seconds-long config."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO_ROOT, free_port, worker_env
+
+CONFIG = Path(__file__).parent / "tiny.yaml"
+
+
+def train(tmp: Path, nprocs: int, *overrides: str, fault: str | None = None, expect_rc: int = 0,
+          name: str = "run") -> tuple[str, Path]:
+    run = tmp / name
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nprocs}",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "megatron_opsd.train",
+           "--config", str(CONFIG), "--checkpoint.dir", str(run / "ckpt"), "--logging.dir", str(run / "logs"),
+           *overrides]
+    env = {"MEGATRON_OPSD_FAULT": fault} if fault else None
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=worker_env(env), stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    if expect_rc == 0:
+        assert proc.returncode == 0, proc.stdout[-8000:]
+    else:  # torchrun reports a failed child with its own non-zero code
+        assert proc.returncode != 0 and "injected fault" in proc.stdout, proc.stdout[-8000:]
+    return proc.stdout, run
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "logs" / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.mark.distributed
+def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
+    out, full = train(tmp_path, 2, name="full")
+    losses = train_losses(full)
+    assert sorted(losses) == [1, 2, 3, 4], out[-3000:]
+    records = [json.loads(x) for x in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    train_rec = next(r for r in records if r["kind"] == "train")
+    for key in ("loss", "divergence", "clip_fraction", "entropy_student", "entropy_teacher", "response_tokens",
+                "tokens_per_s", "peak_memory_mib", "grad_norm", "response_length"):
+        assert key in train_rec, key
+    assert (full / "logs" / "tensorboard").is_dir()
+    assert (full / "ckpt" / "latest").read_text().strip() == "step_0000004"
+
+    # A crash while writing step 2 leaves step 1 as the latest, loadable checkpoint...
+    _, run = train(tmp_path, 2, fault="mid_save:step_0000002", expect_rc=17, name="crash")
+    assert (run / "ckpt" / "latest").read_text().strip() == "step_0000001"
+    assert (run / "ckpt" / "step_0000002.tmp").is_dir() and not (run / "ckpt" / "step_0000002").exists()
+    # ... and resuming from it gives the uninterrupted run's losses for the remaining steps.
+    out, run = train(tmp_path, 2, name="crash")
+    assert "resumed from" in out and "step_0000001" in out, out[-3000:]
+    resumed = train_losses(run)
+    for step in (2, 3, 4):
+        assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-9), (step, resumed, losses)
+
+
+@pytest.mark.distributed
+def test_pp2_run_and_kill_after_step(tmp_path):
+    out, run = train(tmp_path, 2, "--parallel.tp", "1", "--parallel.pp", "2", "--train.steps", "3",
+                     fault="after_step:2", expect_rc=17)
+    assert sorted(train_losses(run)) == [1, 2]
+    out, run = train(tmp_path, 2, "--parallel.tp", "1", "--parallel.pp", "2", "--train.steps", "3")
+    assert "resumed from" in out and sorted(train_losses(run))[-1] == 3, out[-3000:]
+
+
+def run_single(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = worker_env()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_opsd.train", "--config", str(CONFIG), "--parallel.tp", "1",
+         "--checkpoint.dir", str(tmp / "ckpt"), "--logging.dir", str(tmp / "logs"), *overrides],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("case", ["bad_row", "missing_file", "bad_config", "vocab_mismatch", "bad_field"])
+def test_bad_input_exits_nonzero_with_message_and_writes_nothing(tmp_path, case):
+    data = tmp_path / "data.jsonl"
+    data.write_text('{"problem": "1+1?", "solution": "\\\\boxed{2}"}\n{"problem": "2+2?", "solution": \n')
+    overrides, pattern = {
+        "bad_row": (["--data.train_path", str(data)], f"{data}:2"),
+        "missing_file": (["--data.train_path", str(tmp_path / "nope.jsonl")], "nope.jsonl"),
+        "bad_config": (["--parallel.tp", "3"], "num_attention_heads=4 is not divisible by parallel.tp=3"),
+        "vocab_mismatch": (["--model.vocab_size", "300"], "300"),
+        "bad_field": (["--train.stepz", "3"], "train.stepz: unknown config key"),
+    }[case]
+    proc = run_single(tmp_path, *overrides)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "megatron_opsd.train: error:" in proc.stderr and pattern in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.distributed
+def test_two_nodes_on_localhost(tmp_path):
+    """Two torchrun invocations (one process each) rendezvous on 127.0.0.1 and train at TP=2."""
+    port = free_port()
+    run = tmp_path / "two_nodes"
+    procs = []
+    for node in (0, 1):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", f"--node_rank={node}",
+               "--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}",
+               "-m", "megatron_opsd.train", "--config", str(CONFIG), "--train.steps", "2",
+               "--checkpoint.dir", str(run / "ckpt"), "--logging.dir", str(run / "logs")]
+        procs.append(subprocess.Popen(cmd, cwd=REPO_ROOT, env=worker_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert sorted(train_losses(run)) == [1, 2]
+
+
+def test_sigterm_saves_before_exit(tmp_path):
+    """A single-process run receiving SIGTERM finishes its step, saves and exits 0."""
+    import signal
+    import time
+
+    env = worker_env()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "megatron_opsd.train", "--config", str(CONFIG), "--parallel.tp", "1",
+         "--train.steps", "1000", "--checkpoint.save_every", "0", "--checkpoint.dir", str(tmp_path / "ckpt"),
+         "--logging.dir", str(tmp_path / "logs")], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "logs" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=240)[0]
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by signal" in out
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert int(latest.removeprefix("step_")) >= 1
