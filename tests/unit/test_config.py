@@ -95,3 +95,13 @@ def test_hf_config_roundtrip_keeps_both_rope_fields():
 def test_default_job_config_is_valid():
     cfg = JobConfig()
     assert cfg.parallel.tp == 1 and cfg.model.head_dim == cfg.model.hidden_size // cfg.model.num_attention_heads
+
+
+def test_example_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "examples" / "configs").glob("*.yaml"))
+    assert len(configs) >= 5
+    for path in configs:
+        cfg = load_config(str(path))
+        assert cfg.loss.mode == "opsd" and cfg.optim.clip_grad == pytest.approx(0.1), path
