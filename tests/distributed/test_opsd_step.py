@@ -21,3 +21,10 @@ def test_opsd_step_is_layout_invariant(tmp_path):
     for layout in ("TP2 ", "TP2 recompute", "PP2 ", "TP2xPP2", "PP2xVPP2", "TP4", "DP4", "teacher=initial",
                    "teacher=ema"):
         assert layout in out, f"{layout!r} did not run:\n{out[-5000:]}"
+
+
+@pytest.mark.distributed
+def test_opsd_step_matches_plain_pytorch_on_the_hf_model():
+    out = run_torchrun(WORKERS / "opsd_hf_reference.py", 1)
+    assert "opsd_hf_reference: all checks passed" in out, out[-5000:]
+    assert "qwen3" in out and "llama" in out
