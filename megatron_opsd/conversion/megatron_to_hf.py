@@ -1,0 +1,217 @@
+"""megatron-core distributed checkpoint (+ model.json) -> HF safetensors checkpoint.
+
+Single process, streaming: the model's tensors are read from the dist checkpoint one checkpoint key
+at a time, unsharded (megatron-core stores each as one global tensor, layers stacked on dim 0, in
+Transformer Engine names: ``DIST_GLOBAL`` / ``DIST_LAYER`` map them to the unsharded local-spec names),
+mapped by ``hf_mapping.unsharded_to_hf`` and written tensor by tensor into safetensors files
+(``safetensors_io.ShardedWriter``). Any layout that wrote the checkpoint reads the same (the
+dist checkpoint records global shapes); padded vocabulary rows are dropped by the mapping.
+Peak memory: the largest stacked tensor (e.g. every layer's fc1) plus one layer's split copies.
+
+Accepted inputs: a directory with ``model.json`` holding either a model checkpoint written by
+``checkpoint.save_model`` / ``convert_hf_to_megatron``, or a training checkpoint whose dist checkpoint
+holds the model next to other state (optimizer, teacher, RNG, ...): only the model's tensors are read.
+A training run's checkpoint root (``step_*`` directories and a ``latest`` pointer) means its latest. The
+model's tensor keys may carry a prefix (e.g. ``model.``): it is the shortest prefix ``P`` such that
+``P + 'embedding.word_embeddings.weight'`` is a tensor of the checkpoint (optimizer state keys embed
+the model key after a longer prefix).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from megatron_opsd.conversion.files import check_output_dir, copy_tokenizer_files, publish
+from megatron_opsd.conversion.safetensors_io import ShardedWriter, TensorSpec, parse_size
+from megatron_opsd.models.description import ModelConfig
+from megatron_opsd.models.hf_mapping import ConversionError, unsharded_to_hf
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_ANCHOR = "embedding.word_embeddings.weight"  # every model checkpoint has it (first stage)
+
+# Dist-checkpoint key (relative to the model prefix) -> unsharded local-spec name. megatron-core's
+# local-spec sharded_state_dict uses the Transformer Engine names, so both specs write these keys.
+DIST_GLOBAL = {
+    "embedding.word_embeddings.weight": "embedding.word_embeddings.weight",
+    "decoder.final_layernorm.weight": "decoder.final_layernorm.weight",
+    "output_layer.weight": "output_layer.weight",
+}
+# decoder.layers.<key> [num_layers, ...] -> decoder.layers.{i}.<name>
+DIST_LAYER = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "self_attention.linear_qkv.weight": "self_attention.linear_qkv.weight",
+    "self_attention.linear_qkv.bias": "self_attention.linear_qkv.bias",
+    "self_attention.q_layernorm.weight": "self_attention.q_layernorm.weight",
+    "self_attention.k_layernorm.weight": "self_attention.k_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attention.linear_proj.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+    "mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
+    "mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
+}
+_MODEL_NAMESPACES = ("embedding.", "decoder.", "output_layer.")
+
+
+def find_model_prefix(tensor_keys) -> str:
+    """The prefix of the model's tensor keys in a dist checkpoint ('' for a model checkpoint)."""
+    candidates = sorted((k[: -len(_ANCHOR)] for k in tensor_keys if k.endswith(_ANCHOR)), key=len)
+    candidates = [c for c in candidates if c == "" or c.endswith(".")]
+    if not candidates:
+        raise ConversionError(f"cannot find the model in the checkpoint: no tensor named "
+                              f"'<prefix>{_ANCHOR}'")
+    return candidates[0]
+
+
+def model_tensor_metadata(megatron_dir: str | Path) -> tuple[str, dict]:
+    """(model key prefix, {dist key without prefix: ShardedTensor metadata}) of the model's tensors."""
+    from megatron.core import dist_checkpointing
+
+    metadata = dist_checkpointing.load_tensors_metadata(str(megatron_dir))
+    prefix = find_model_prefix(metadata.keys())
+    model = {}
+    for key, sharded in metadata.items():
+        if not key.startswith(prefix) or not key[len(prefix):].startswith(_MODEL_NAMESPACES):
+            continue  # optimizer state, RNG, ...: not read
+        rel = key[len(prefix):]
+        layer_key = rel[len("decoder.layers."):] if rel.startswith("decoder.layers.") else None
+        if rel not in DIST_GLOBAL and layer_key not in DIST_LAYER:
+            raise ConversionError(f"unknown model tensor {key!r} in the dist checkpoint (no entry in "
+                                  "DIST_GLOBAL / DIST_LAYER)")
+        model[rel] = sharded
+    return prefix, model
+
+
+def resolve_checkpoint_dir(directory: str | Path, log=print) -> Path:
+    """A checkpoint directory (holding model.json), or a training run's checkpoint root: its ``latest``."""
+    from megatron_opsd.checkpoint import LATEST, MODEL_JSON, latest_checkpoint
+
+    directory = Path(directory)
+    if not (directory / MODEL_JSON).is_file() and (directory / LATEST).is_file():
+        step = latest_checkpoint(directory)
+        log(f"{directory} is a checkpoint root: using its latest checkpoint {step.name}")
+        return step
+    return directory
+
+
+def checkpoint_dtype(megatron_dir: str | Path) -> torch.dtype:
+    """The stored dtype of the model's weights."""
+    _, tensors = model_tensor_metadata(megatron_dir)
+    return tensors[_ANCHOR].dtype
+
+
+def stream_unsharded(megatron_dir: str | Path, cfg: ModelConfig, *, meta: bool = False):
+    """Yield the checkpoint's unsharded ``(local-spec name, tensor)`` pairs, one dist key per read.
+
+    ``meta=True`` yields meta tensors of the right shapes without reading any data (for planning).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    prefix, tensors = model_tensor_metadata(megatron_dir)
+    for rel, info in tensors.items():
+        shape, dtype = tuple(info.global_shape), info.dtype
+        if meta:
+            value = torch.empty(shape, dtype=dtype, device="meta")
+        else:
+            request = {"t": ShardedTensor.from_rank_offsets(prefix + rel, torch.empty(shape, dtype=dtype))}
+            # Whole tensors on a world of one: skip the check that ranks tile the tensor exactly.
+            value = dist_checkpointing.load(request, str(megatron_dir), validate_access_integrity=False)["t"]
+        if rel in DIST_GLOBAL:
+            yield DIST_GLOBAL[rel], value
+            continue
+        if shape[0] != cfg.num_hidden_layers:
+            raise ConversionError(f"dist tensor {prefix + rel!r} stacks {shape[0]} layers, model.json says "
+                                  f"num_hidden_layers={cfg.num_hidden_layers}")
+        name = DIST_LAYER[rel[len("decoder.layers."):]]
+        for i in range(cfg.num_hidden_layers):
+            yield f"decoder.layers.{i}.{name}", value[i]
+        del value
+
+
+def checkpoint_model_info(megatron_dir: str | Path) -> tuple[str, torch.dtype]:
+    """(key prefix of the model's tensors, their stored dtype) from the dist checkpoint's metadata."""
+    prefix, tensors = model_tensor_metadata(megatron_dir)
+    return prefix, tensors[_ANCHOR].dtype
+
+
+def load_into(chunks: list[torch.nn.Module], megatron_dir: str | Path, prefix: str | None = None) -> None:
+    """Load the model weights of a (model or training) dist checkpoint into ``chunks``, any layout.
+
+    Through megatron-core's ``sharded_state_dict`` (resharding to the chunks' layout); other state in
+    the checkpoint (optimizer, ...) is not read. Casts to the chunks' dtype.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    if prefix is None:
+        prefix, _ = checkpoint_model_info(megatron_dir)
+    # ShardedTensor keys are global (layer offsets included), so the nesting of this dict is free.
+    sharded = {f"chunk{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
+    state, missing, _unexpected = dist_checkpointing.load(sharded, str(megatron_dir),
+                                                          strict=StrictHandling.RETURN_ALL)
+    if missing:
+        raise ConversionError(f"the checkpoint lacks model tensor(s): {sorted(missing)[:8]}")
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict({k[len(prefix):]: v for k, v in state[f"chunk{i}"].items()}, strict=True)
+
+
+def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
+    """``config.json`` content: both rope spellings (transformers 4.x and 5.x) and the dtype."""
+    out = cfg.to_hf_dict()
+    if cfg.rope_scaling:  # 4.x (>= 4.43, the first with llama3 scaling) reads rope_scaling["rope_type"]
+        kind = cfg.rope_scaling.get("rope_type", cfg.rope_scaling.get("type"))
+        out["rope_scaling"] = {**{k: v for k, v in cfg.rope_scaling.items() if k != "type"}, "rope_type": kind}
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    out["torch_dtype"] = out["dtype"] = name
+    out["use_cache"] = True
+    return out
+
+
+def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str = "auto",
+                           max_shard_size: str | int = "5GB", tokenizer_dir: str | Path | None = None,
+                           force: bool = False, log=print) -> Path:
+    """Convert the checkpoint in ``megatron_dir`` to an HF directory ``out``; return ``out``."""
+    from megatron_opsd.checkpoint import read_model_json
+    from megatron_opsd.parallel import ParallelConfig, init_parallel
+
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ValueError("convert_megatron_to_hf runs in a single process: do not launch it with torchrun")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype!r}: choose auto, fp32, bf16 or fp16")
+    start = time.time()
+    megatron_dir = resolve_checkpoint_dir(megatron_dir, log)
+    out = check_output_dir(out, force)
+    cfg = read_model_json(megatron_dir)
+    max_bytes = parse_size(max_shard_size)
+
+    runtime = init_parallel(ParallelConfig())  # dist_checkpointing.load needs a process group
+    try:
+        target = DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(megatron_dir)
+        # The plan (names, shapes, shard boundaries) comes from the mapping run on meta tensors.
+        specs = [TensorSpec(n, target, tuple(t.shape))
+                 for n, t in unsharded_to_hf(stream_unsharded(megatron_dir, cfg, meta=True), cfg)]
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        writer = ShardedWriter(tmp, specs, max_bytes)
+        with torch.no_grad():
+            for name, tensor in unsharded_to_hf(stream_unsharded(megatron_dir, cfg), cfg):
+                writer.write(name, tensor.to(target))
+        writer.close()
+    finally:
+        runtime.destroy()
+
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
+    copied = copy_tokenizer_files(tokenizer_dir or megatron_dir, tmp)
+    if not copied:
+        log(f"warning: no tokenizer files in {tokenizer_dir or megatron_dir}: pass --tokenizer-dir")
+    publish(tmp, out)
+    log(f"converted {megatron_dir} -> {out} ({cfg.model_type}, {str(target).removeprefix('torch.')}, "
+        f"{len(writer.files)} file(s), "
+        f"{time.time() - start:.1f}s)")
+    return out

@@ -1,0 +1,11 @@
+"""See `python tools/verify_conversion.py --help` and megatron_opsd/conversion/."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+if __name__ == "__main__":  # dist_checkpointing re-imports __main__ in a spawned process: keep the guard
+    from megatron_opsd.conversion.cli import verify_main, run
+
+    run(verify_main)
