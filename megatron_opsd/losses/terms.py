@@ -3,8 +3,8 @@
 Two forms of the same formulas:
 
 * ``*_terms`` work on one chunk of vocabulary entries: fp32 ``[c, v]`` log-probabilities and
-  probabilities in the caller's scratch buffers, plus one more scratch buffer; they overwrite the
-  log-probabilities (never ``p_S``) and allocate nothing. They return the entry ``ℓ`` and its
+  probabilities in the caller's scratch buffers, plus one more scratch buffer; they may overwrite
+  everything but ``p_S`` and allocate nothing. They return the entry ``ℓ`` and its
   derivative ``∂ℓ/∂log p_S`` (``g``), from which the vocab-parallel kernel builds the exact gradient
   ``∂/∂z_S,j Σ_v ℓ_v = g_j − p_S,j · Σ_v g_v``  (because ``∂log p_S,v/∂z_S,j = δ_vj − p_S,j``).
 * ``dense_divergence`` is the plain-autograd version for small ``[n, k]`` inputs (the top-k variant).
@@ -28,7 +28,7 @@ import torch
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
 
 # log m is taken of max(m, TINY): where m < TINY both p_S and p_T are below TINY / min(β, 1−β), so
-# every affected entry contributes < 1e-30 to the sum, and 0·log 0 can never turn into NaN.
+# every affected entry contributes < 1e-28 to the sum, and 0·log 0 can never turn into NaN.
 _TINY = torch.finfo(torch.float32).tiny
 
 Terms = Callable[..., tuple[torch.Tensor | None, torch.Tensor]]

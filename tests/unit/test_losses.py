@@ -260,6 +260,11 @@ def test_bf16_inputs_compute_in_fp32():
     logprobs = vocab_parallel_token_logprobs(student, student[..., :90].argmax(-1), vocab_size=90)
     torch.testing.assert_close(logprobs.double(), ref.token_logprobs(student, student[..., :90].argmax(-1),
                                                                        vocab_size=90), **VALUE_TOL)
+    kwargs = dict(k=5, tail=True, temperature=1.1, vocab_size=90)
+    ref_value, ref_grad = ref.value_and_grad(ref.topk_divergence, student, weights, teacher, **kwargs)
+    value, grad = ours_value_and_grad(vocab_parallel_topk_divergence, student, weights, teacher, **kwargs)
+    torch.testing.assert_close(value.double(), ref_value, **VALUE_TOL)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-2, atol=1e-4)
 
 
 def test_teacher_is_a_constant():

@@ -8,7 +8,7 @@ gradient against the reference.
 
 Cases: forward KL, reverse KL, JSD(0.5), JSD(0.2) x clip {None, 0.05} x temperature {1, 1.7} x
 vocab_size {96 (no padding), 90 (last rank partly padding), 70 (at TP=4 the last rank is all padding)},
-chunked and not; top-k (k = 1, 5, 30 > V/TP) with and without the tail bucket; token log-probs;
+chunked and not; top-k (k = 1, 5, 30; 30 > V/TP at TP=4) with and without the tail bucket; token log-probs;
 entropy; bf16 inputs; the identical-distributions property.
 
 Tolerances as in tests/unit/test_losses.py (fp32 kernel vs fp64 reference: values 5e-6 absolute +
