@@ -34,7 +34,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],

@@ -56,6 +56,9 @@ class TrainConfig:
         "Embedded default: first make a base model by this many SFT steps on the reference solutions "
         "(cached under checkpoint.dir/../base-<hash>); 0 = off.", default=0)
     warmup_lr: float = doc("Learning rate of the SFT warm-up.", default=3e-3)
+    warmup_teacher_prompts: bool = doc(
+        "Half of the warm-up examples use the teacher's prompt (with the reference solution), so a tiny "
+        "base model learns to read it; real base models need no such step.", default=True)
     eval_every: int = doc("Evaluate every N steps (0: only before and after training).", default=0)
     eval_problems: int = doc("Held-out problems per evaluation (0: all).", default=200)
     eval_greedy: bool = doc("Greedy decoding for evaluation (else the rollout sampling settings).",

@@ -251,7 +251,9 @@ def _resolve_load(path: str) -> Path:
 def embedded_base_dir(cfg: JobConfig) -> Path:
     """Cache key: everything that determines the warm-up's result."""
     key = json.dumps([to_dict(cfg.model), cfg.data.train_path, cfg.data.tokenizer_path, cfg.seed,
-                      cfg.train.warmup_sft_steps, cfg.train.warmup_lr, cfg.train.prompts_per_step], sort_keys=True)
+                      cfg.train.warmup_sft_steps, cfg.train.warmup_lr, cfg.train.prompts_per_step,
+                      cfg.train.warmup_teacher_prompts, cfg.data.student_template, cfg.data.teacher_template],
+                     sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.checkpoint.dir).parent / f"base-sft-{digest}"
 
@@ -274,12 +276,15 @@ def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
     start = time.perf_counter()
     for step in range(cfg.train.warmup_sft_steps):
         pairs = []
-        for index in sampler.next_batch():
+        for i, index in enumerate(sampler.next_batch()):
             prompts = trainer.contexts.prompt_ids(index)
             if prompts is None:
                 continue
             response = tok.encode(trainer.train_problems[index].solution) + [end_of_turn]
-            pair = build_pair(prompts.student, prompts.student, response, stop_ids={end_of_turn},
+            # Every other example uses the teacher's prompt: a tiny model must first learn to read a
+            # reference solution in its context, the capability OPSD's teacher relies on.
+            prompt = prompts.teacher if cfg.train.warmup_teacher_prompts and (step + i) % 2 else prompts.student
+            pair = build_pair(prompt, prompt, response, stop_ids={end_of_turn},
                               max_seq_len=cfg.data.max_seq_len, overlong="truncate_response")
             if pair is not None:
                 pairs.append(pair)

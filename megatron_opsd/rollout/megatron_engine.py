@@ -11,11 +11,10 @@ One call of ``generate`` runs, per batch of prompts:
    vocabulary-sized crosses ranks) and broadcasts the tokens and log-probabilities to the other
    stages; every rank of the model-parallel group ends with the same ``Rollout``.
 
-Positions. Megatron's static KV cache applies RoPE at the cache slot (the absolute index in the padded
-block), not at ``position_ids``; a row with q pad slots therefore sees its tokens rotated by q more
-than when alone. RoPE attention scores depend only on position differences, so this is the same model
-(tests check tokens against HF ``generate`` on each prompt alone); ``position_ids`` passed to the model
-still start at each row's first real token for models with learned absolute positions.
+Attention. While sampling, ``attention.RolloutAttention`` replaces each layer's core attention: RoPE is
+applied once, to queries and to keys as they enter megatron's cache, at each row's own positions
+(starting at its first real token, exactly as if it were alone), and the kernel is torch SDPA.
+megatron-core's static cache would re-rotate every cached key at every step, by cache slot.
 
 Megatron-core's ``GPTModel`` insists on gathering logits across TP ranks in inference mode
 (``runtime_gather_output=True``); a forward pre-hook on the last stage's output layer keeps them sharded
@@ -40,6 +39,7 @@ import torch.distributed as dist
 from megatron_opsd import cpu_compat
 from megatron_opsd.parallel import ParallelRuntime
 from megatron_opsd.rollout import noise
+from megatron_opsd.rollout.attention import RolloutAttention
 from megatron_opsd.rollout.sampler import VocabSlice, sample_next, vocab_slice
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
 
@@ -76,12 +76,14 @@ class MegatronRolloutEngine:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 (or None: one batch)")
         if not 0 <= pad_id < vocab_size:
             raise ValueError(f"pad_id={pad_id} must be a token id in [0, vocab_size={vocab_size})")
+        self._attention = RolloutAttention([_unwrap(c) for c in self.chunks])
         self.hidden_size = config.hidden_size
         self.dtype = config.pipeline_dtype or config.params_dtype
         pp_ranks = dist.get_process_group_ranks(runtime.pp_group)
         self._next_rank = pp_ranks[(runtime.pp_rank + 1) % runtime.pp]
         self._prev_rank = pp_ranks[(runtime.pp_rank - 1) % runtime.pp]
         self._last_rank = pp_ranks[-1]
+        self.stats = _new_stats()
 
     # ---- public --------------------------------------------------------------------------------
     def generate(self, prompt_token_ids: Sequence[Sequence[int]], sampling: SamplingParams,
@@ -89,6 +91,7 @@ class MegatronRolloutEngine:
         prompts = [list(map(int, p)) for p in prompt_token_ids]
         keys = list(keys) if keys is not None else [SampleKey(prompt_id=i) for i in range(len(prompts))]
         self._check(prompts, keys, sampling)
+        self.stats = _new_stats()
         rollout = Rollout()
         size = self.max_batch_size or max(len(prompts), 1)
         with self._inference_mode():
@@ -107,47 +110,62 @@ class MegatronRolloutEngine:
         prompt_len = max(len(p) for p in prompts)
         total = prompt_len + max_new
         tokens_bt = torch.full((b, total), self.pad_id, dtype=torch.int64, device=device)
-        lens_b = torch.tensor([len(p) for p in prompts], device=device)
         for i, p in enumerate(prompts):
             tokens_bt[i, prompt_len - len(p): prompt_len] = torch.tensor(p, device=device)
-        first_b = prompt_len - lens_b  # slot of each row's first real token
+        first_b = prompt_len - torch.tensor([len(p) for p in prompts], device=device)  # first real slot
         slots_t = torch.arange(total, device=device)
         real_bt = slots_t[None, :] >= first_b[:, None]  # pad slots are never attended to
         positions_bt = (slots_t[None, :] - first_b[:, None]).clamp_(min=0)
         stop_ids = torch.tensor(sampling.stop_ids or [-1], device=device)
 
+        rows = list(range(b))  # original row of each batch entry (finished rows are compacted away)
+        out = Rollout(response_ids=[[] for _ in rows], sampling_logprobs=[[] for _ in rows],
+                      model_logprobs=[[] for _ in rows], finish_reasons=["length"] * b)
+        done_b = torch.zeros(b, dtype=torch.bool, device=device)
         context = StaticInferenceContext(b, total) if self.kv_cache else None
-        out_tokens, out_sampling, out_model = [], [], []
-        finished_b = torch.zeros(b, dtype=torch.bool, device=device)
-        done_at = torch.full((b,), max_new, dtype=torch.int64, device=device)
+        self._attention.prepare(total)
         try:
             for step in range(max_new):
                 end = prompt_len + step  # slots [0, end) are known
                 start = 0 if (context is None or step == 0) else end - 1
-                mask = ~(real_bt[:, None, None, :end]
-                         & (slots_t[None, None, start:end, None] >= slots_t[None, None, None, :end]))
-                logits_bv = self._forward(tokens_bt[:, start:end], positions_bt[:, start:end], mask, context)
+                logits_bv = self._forward(tokens_bt[:, start:end], positions_bt[:, start:end],
+                                          _attention_keep(real_bt, slots_t, start, end), context)
                 if context is not None:
                     context.sequence_len_offset = end
-                sample = self._sample_and_share(logits_bv, keys, step, sampling, b)
-                token_b = sample[:, 0].long()
-                out_tokens.append(token_b)
-                out_sampling.append(sample[:, 1])
-                out_model.append(sample[:, 2])
-                tokens_bt[:, end] = torch.where(finished_b, self.pad_id, token_b)
-                newly_b = ~finished_b & torch.isin(token_b, stop_ids)
-                done_at = torch.where(newly_b, step + 1, done_at)
-                finished_b |= newly_b
-                if bool(finished_b.all()):
+                self.stats["row_steps"] += len(rows)
+                token_b, sampling_b, model_b = self._sample_and_share(logits_bv, keys, step, sampling, len(rows))
+                stopped_b = ~done_b & torch.isin(token_b, stop_ids)
+                for i, done, t, lp, mlp, stopped in zip(
+                        rows, done_b.tolist(), token_b.tolist(), sampling_b.float().tolist(),
+                        model_b.float().tolist(), stopped_b.tolist()):
+                    if not done:
+                        out.response_ids[i].append(t)
+                        out.sampling_logprobs[i].append(lp)
+                        out.model_logprobs[i].append(mlp)
+                        if stopped:
+                            out.finish_reasons[i] = "stop"
+                done_b |= stopped_b
+                num_done = int(done_b.sum())
+                if num_done == len(rows):
                     break
+                tokens_bt[:, end] = torch.where(done_b, self.pad_id, token_b)
+                if num_done * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
+                    keep = (~done_b).nonzero()[:, 0]
+                    rows, keys = [rows[j] for j in keep.tolist()], [keys[j] for j in keep.tolist()]
+                    tokens_bt, real_bt, positions_bt = tokens_bt[keep], real_bt[keep], positions_bt[keep]
+                    done_b = done_b[keep]
+                    if context is not None:
+                        _compact_cache(context, keep)
+                    self.stats["compactions"] += 1
         finally:
             if context is not None:  # free the cache now, not when the caller drops the engine
                 context.key_value_memory_dict.clear()
-        return self._to_rollout(out_tokens, out_sampling, out_model, done_at, finished_b)
+        self.stats["tokens"] += sum(len(r) for r in out.response_ids)
+        return out
 
     def _sample_and_share(self, logits_bv: torch.Tensor | None, keys: list[SampleKey], step: int,
-                          sampling: SamplingParams, b: int) -> torch.Tensor:
-        """fp64 [b, 3] (token id, sampling log-prob, model log-prob), the same on every rank."""
+                          sampling: SamplingParams, b: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Token ids (int64 [b]), sampling and model log-probs (fp64 [b]), the same on every rank."""
         runtime = self.runtime
         packed = torch.empty((b, 3), dtype=torch.float64, device=runtime.device)
         if runtime.is_last_stage:
@@ -157,34 +175,23 @@ class MegatronRolloutEngine:
             packed[:, 0], packed[:, 1], packed[:, 2] = s.token_ids.double(), s.sampling_logprobs, s.model_logprobs
         if runtime.pp > 1:
             dist.broadcast(packed, src=self._last_rank, group=runtime.pp_group)
-        return packed
+        return packed[:, 0].long(), packed[:, 1], packed[:, 2]
 
     def _vocab_slice(self, num_local: int) -> VocabSlice:
         group = self.runtime.tp_group if self.runtime.tp > 1 else None
         return vocab_slice(num_local, self.vocab_size, group)
 
-    def _to_rollout(self, tokens, sampling_lp, model_lp, done_at_b, finished_b) -> Rollout:
-        tokens_bn = torch.stack(tokens, dim=1).tolist()
-        sampling_bn = torch.stack(sampling_lp, dim=1).float().tolist()
-        model_bn = torch.stack(model_lp, dim=1).float().tolist()
-        rollout = Rollout()
-        for i, n in enumerate(done_at_b.tolist()):
-            n = min(n, len(tokens_bn[i]))
-            rollout.response_ids.append(tokens_bn[i][:n])
-            rollout.sampling_logprobs.append(sampling_bn[i][:n])
-            rollout.model_logprobs.append(model_bn[i][:n])
-            rollout.finish_reasons.append("stop" if finished_b[i] else "length")
-        return rollout
-
     # ---- model forward across chunks and stages ------------------------------------------------
-    def _forward(self, tokens_bs: torch.Tensor, positions_bs: torch.Tensor, mask_b1qk: torch.Tensor,
+    def _forward(self, tokens_bs: torch.Tensor, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor,
                  context) -> torch.Tensor | None:
         """Run every chunk of this rank in model order; the last stage returns logits [b, V/TP] of the
-        last position, other ranks None."""
+        last position, other ranks None. ``keep_b1qk``: True where a query may attend to a key."""
         runtime = self.runtime
         b, s = tokens_bs.shape
         num_chunks = len(self.chunks)
         logits_bv = None
+        self._attention.set_inputs(positions_bs, keep_b1qk, self.dtype)
+        mask_b1qk = ~keep_b1qk  # megatron's convention (True = masked out); unused by RolloutAttention
         for v, chunk in enumerate(self.chunks):
             model = _unwrap(chunk)
             if not (v == 0 and runtime.is_first_stage):
@@ -205,6 +212,7 @@ class MegatronRolloutEngine:
         modes = [c.training for c in self.chunks]
         hooks = []
         try:
+            self._attention.install()
             for chunk in self.chunks:
                 chunk.eval()
                 model = _unwrap(chunk)
@@ -216,6 +224,7 @@ class MegatronRolloutEngine:
         finally:
             for hook in hooks:
                 hook.remove()
+            self._attention.remove()
             for chunk, mode in zip(self.chunks, modes):
                 chunk.train(mode)
                 _unwrap(chunk).set_input_tensor(None)
@@ -233,6 +242,27 @@ class MegatronRolloutEngine:
         bad_stops = [t for t in sampling.stop_ids if t >= self.vocab_size]
         if bad_stops:
             raise ValueError(f"sampling.stop_ids {bad_stops} are outside [0, vocab_size={self.vocab_size})")
+
+
+def _attention_keep(real_bt: torch.Tensor, slots_t: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """[b, 1, end - start, end]: query slot q may attend to key slot k iff k <= q and k is a real
+    token, or k == q (a pad slot attends to itself only, so no attention row is empty)."""
+    q_1qk, k_1qk = slots_t[None, start:end, None], slots_t[None, None, :end]
+    return ((real_bt[:, None, :end] & (k_1qk <= q_1qk)) | (k_1qk == q_1qk))[:, None]
+
+
+def _new_stats() -> dict[str, int]:
+    """Counters of the last ``generate`` call: sampled tokens kept, rows x decode steps computed (the
+    static batch keeps finished rows until they are compacted away), compactions."""
+    return {"tokens": 0, "row_steps": 0, "compactions": 0}
+
+
+def _compact_cache(context, keep_b: torch.Tensor) -> None:
+    """Keep only batch entries ``keep_b`` in megatron's static KV cache ([seq, batch, groups, dim] per
+    layer); the context then serves the smaller batch."""
+    for layer, (key, value) in list(context.key_value_memory_dict.items()):
+        context.key_value_memory_dict[layer] = (key[:, keep_b].contiguous(), value[:, keep_b].contiguous())
+    context.max_batch_size = len(keep_b)
 
 
 def _last_position_sharded(module, args, kwargs):

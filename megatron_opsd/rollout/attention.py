@@ -1,0 +1,129 @@
+"""The attention kernel used while sampling: RoPE applied once as keys enter the KV cache, and SDPA.
+
+megatron-core's static KV cache (``StaticInferenceContext``) keeps its role: it allocates the per-layer
+key/value buffers and ``attention.py`` writes each forward's keys and values into them. Two things are
+replaced while a rollout runs, because on this path megatron-core 0.16.1 is slow or imprecise:
+
+* RoPE. The static cache stores keys *before* RoPE and re-applies it to every cached key at every
+  decode step (``key = apply_rotary_pos_emb(key, k_pos_emb[:sequence_end])``): O(sequence length)
+  elementwise work per layer per token, ~40% of a CPU decode step at a few hundred tokens. It also
+  rotates by cache slot rather than ``position_ids``. (Its ``flash_decode`` alternative needs
+  flash-attn's CUDA kernel; the non-flash fallback, ``apply_rotary_pos_emb_with_cos_sin``, takes the
+  cosine of precomputed cosines.) Here a forward pre-hook on each ``TransformerBlock`` drops
+  ``rotary_pos_emb``, and the core attention rotates the queries and the keys of the new tokens (in
+  place, inside the cache) at each row's own positions: cached keys are rotated exactly once, and a
+  left-padded row is rotated exactly as if it were alone. The rotation is megatron's formula
+  (``x cos + rotate_half(x) sin`` with the model's own frequency table), so it is bit-identical to the
+  training forward's at the same positions.
+* The core attention: ``torch.nn.functional.scaled_dot_product_attention`` on the cache view instead
+  of the local spec's unfused baddbmm/masked-softmax/bmm with an RNG-tracker fork per layer.
+
+Each layer's ``core_attention.forward`` is overridden on the instance (and restored afterwards), so the
+training path never sees any of this. Supported: RoPE (plain, llama3 or linear scaling), GQA, vanilla
+softmax, no sliding window; checked by ``check_supported``.
+
+Masks: the engine passes ``keep`` [b, 1, q, k] (True = attend); every query attends to at least itself,
+so no softmax row is empty (SDPA would return NaN for one).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def check_supported(model: torch.nn.Module) -> None:
+    """Raise ValueError for model features this kernel does not implement."""
+    config = model.config
+    problems = []
+    if getattr(model, "position_embedding_type", None) != "rope" or config.multi_latent_attention:
+        problems.append(f"position_embedding_type={getattr(model, 'position_embedding_type', None)!r} "
+                        "(RoPE only)")
+    if config.rotary_interleaved:
+        problems.append("rotary_interleaved=True")
+    if getattr(config, "softmax_type", "vanilla") != "vanilla":
+        problems.append(f"softmax_type={config.softmax_type!r}")
+    if config.apply_query_key_layer_scaling:
+        problems.append("apply_query_key_layer_scaling=True")
+    if getattr(config, "window_size", None) is not None:
+        problems.append(f"window_size={config.window_size}")
+    if problems:
+        raise ValueError("the rollout engine does not support " + ", ".join(problems))
+
+
+class RolloutAttention:
+    """Install on ``models`` (unwrapped GPTModel chunks) for the duration of a rollout."""
+
+    def __init__(self, models: list[torch.nn.Module]) -> None:
+        for model in models:
+            check_supported(model)
+        self.models = models
+        self._freqs_n1d: torch.Tensor | None = None
+        self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
+        self._handles, self._overridden = [], []
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def install(self) -> None:
+        for model in self.models:
+            self._handles.append(model.decoder.register_forward_pre_hook(_drop_rotary, with_kwargs=True))
+            for layer in model.decoder.layers:
+                core = layer.self_attention.core_attention
+                core.forward = _bind(self._attend, core)
+                self._overridden.append(core)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for core in self._overridden:
+            del core.forward  # back to the class's forward
+        self._handles.clear()
+        self._overridden.clear()
+        self._freqs_n1d = self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
+
+    def prepare(self, max_positions: int) -> None:
+        """RoPE angles [max_positions, 1, d] from the model's own rotary module (scaling included)."""
+        self._freqs_n1d = self.models[0].rotary_pos_emb(max_positions)[:, 0]
+
+    def set_inputs(self, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor, dtype: torch.dtype) -> None:
+        """Per forward: each new token's position [b, s] and the attention mask (True = attend)."""
+        freqs_sb1d = self._freqs_n1d[positions_bs.t()]
+        self._cos_sb1d = torch.cos(freqs_sb1d).to(dtype)  # as megatron's _apply_rotary_pos_emb_bshd
+        self._sin_sb1d = torch.sin(freqs_sb1d).to(dtype)
+        self._keep_b1qk = keep_b1qk
+
+    # ---- the kernel ------------------------------------------------------------------------------
+    def _rotate(self, x_sbhd: torch.Tensor) -> torch.Tensor:
+        rot = self._cos_sb1d.shape[-1]
+        x, x_pass = x_sbhd[..., :rot], x_sbhd[..., rot:]
+        x1, x2 = x.chunk(2, dim=-1)
+        out = x * self._cos_sb1d + torch.cat((-x2, x1), dim=-1) * self._sin_sb1d
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+
+    def _attend(self, core, query_sbhd, key_kbgd, value_kbgd, attention_mask=None, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        """query [s, b, heads, d]; key/value [k, b, groups, d] (for cached rollouts, a view of the
+        cache whose last s slots belong to this forward's tokens) -> context [s, b, heads * d]."""
+        assert attention_bias is None and packed_seq_params is None
+        s, b, heads, d = query_sbhd.shape
+        query_sbhd = self._rotate(query_sbhd)
+        new_sbgd = key_kbgd[-s:]
+        new_sbgd.copy_(self._rotate(new_sbgd))  # rotated once, in place: later steps reuse it
+        scale = getattr(core, "softmax_scale", None) or 1.0 / math.sqrt(d)
+        context_bhsd = F.scaled_dot_product_attention(
+            query_sbhd.permute(1, 2, 0, 3), key_kbgd.permute(1, 2, 0, 3), value_kbgd.permute(1, 2, 0, 3),
+            attn_mask=self._keep_b1qk, scale=scale, enable_gqa=key_kbgd.shape[2] != heads)
+        return context_bhsd.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+
+def _bind(fn, core):
+    def forward(*args, **kwargs):
+        return fn(core, *args, **kwargs)
+
+    return forward
+
+
+def _drop_rotary(module, args, kwargs):
+    assert "rotary_pos_emb" in kwargs, "megatron-core changed how GPTModel calls its TransformerBlock"
+    return args, {**kwargs, "rotary_pos_emb": None}
