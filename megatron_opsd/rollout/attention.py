@@ -61,7 +61,7 @@ class RolloutAttention:
             check_supported(model)
         self.models = models
         self._freqs_n1d: torch.Tensor | None = None
-        self._cos_sb1d = self._signed_sin_sb1d = self._keep_b1qk = None
+        self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
         self._handles, self._overridden = [], []
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ class RolloutAttention:
             del core.forward  # back to the class's forward
         self._handles.clear()
         self._overridden.clear()
-        self._freqs_n1d = self._cos_sb1d = self._signed_sin_sb1d = self._keep_b1qk = None
+        self._freqs_n1d = self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
 
     def prepare(self, max_positions: int) -> None:
         """RoPE angles [max_positions, 1, d] from the model's own rotary module (scaling included)."""
@@ -90,21 +90,16 @@ class RolloutAttention:
         """Per forward: each new token's position [b, s] and the attention mask (True = attend)."""
         freqs_sb1d = self._freqs_n1d[positions_bs.t()]
         self._cos_sb1d = torch.cos(freqs_sb1d).to(dtype)  # as megatron's _apply_rotary_pos_emb_bshd
-        sin_sb1d = torch.sin(freqs_sb1d).to(dtype)
-        half = sin_sb1d.shape[-1] // 2
-        # rotate_half(x) * sin = cat(-x2, x1) * sin = roll(x, half) * cat(-sin1, sin2): exact (sign flips)
-        self._signed_sin_sb1d = torch.cat((-sin_sb1d[..., :half], sin_sb1d[..., half:]), dim=-1)
+        self._sin_sb1d = torch.sin(freqs_sb1d).to(dtype)
         self._keep_b1qk = keep_b1qk
 
     # ---- the kernel ------------------------------------------------------------------------------
     def _rotate(self, x_sbhd: torch.Tensor) -> torch.Tensor:
-        """megatron's x cos + rotate_half(x) sin on the first ``rot`` channels (the rest pass through)."""
         rot = self._cos_sb1d.shape[-1]
-        if rot == x_sbhd.shape[-1]:
-            return x_sbhd * self._cos_sb1d + x_sbhd.roll(rot // 2, dims=-1) * self._signed_sin_sb1d
-        x = x_sbhd[..., :rot]
-        out = x * self._cos_sb1d + x.roll(rot // 2, dims=-1) * self._signed_sin_sb1d
-        return torch.cat((out, x_sbhd[..., rot:]), dim=-1)
+        x, x_pass = x_sbhd[..., :rot], x_sbhd[..., rot:]
+        x1, x2 = x.chunk(2, dim=-1)
+        out = x * self._cos_sb1d + torch.cat((-x2, x1), dim=-1) * self._sin_sb1d
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
     def _attend(self, core, query_sbhd, key_kbgd, value_kbgd, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):

@@ -69,10 +69,10 @@ class StepSample:
 def sample_next(logits_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingParams,
                 vs: VocabSlice) -> StepSample:
     """Sample one token per row from this rank's logits ``[b, v]``; ``keys_b`` int64 [b] noise keys."""
-    x_bv = logits_bv[:, : vs.num_valid].float()  # a view when the logits are fp32
+    x_bv = logits_bv[:, : vs.num_valid].double()
     if params.greedy or params.top_k > 0:
         return _sample_top_k(x_bv, keys_b, params, vs)
-    return _sample_full(x_bv.double(), keys_b, params, vs)
+    return _sample_full(x_bv, keys_b, params, vs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -95,16 +95,15 @@ def _all_reduce_sum_(x: torch.Tensor, vs: VocabSlice) -> torch.Tensor:
 
 
 def _max_sumexp(z_bv: torch.Tensor, allowed_bv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row, fp64: m = max z (-inf if none), s = sum exp(z - m) over the allowed entries (0 if none);
-    the exponentials are taken in z's dtype and summed in fp64."""
+    """Per row: m = max z (-inf if none), s = sum exp(z - m) over the allowed entries (0 if none)."""
     if allowed_bv is not None:
         z_bv = z_bv.masked_fill(~allowed_bv, -torch.inf)
     if z_bv.shape[1] == 0:
-        empty = z_bv.new_full((z_bv.shape[0],), -torch.inf, dtype=torch.float64)
+        empty = z_bv.new_full((z_bv.shape[0],), -torch.inf)
         return empty, torch.zeros_like(empty)
     m_b = z_bv.amax(dim=1)
     safe_b = torch.where(torch.isfinite(m_b), m_b, 0.0)
-    return m_b.double(), (z_bv - safe_b[:, None]).exp_().sum(dim=1, dtype=torch.float64)
+    return m_b, (z_bv - safe_b[:, None]).exp().sum(dim=1)
 
 
 def _combine_lse(m_rb: torch.Tensor, s_rb: torch.Tensor) -> torch.Tensor:
@@ -127,12 +126,8 @@ def _top_p_keep(z_bk: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _local_top_k(x_bv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries per row and their local columns, ties towards the lower column."""
-    if k == x_bv.shape[1]:
-        return x_bv, torch.arange(k, device=x_bv.device).expand_as(x_bv)
-    vals_bk1, cols_bk1 = x_bv.topk(k + 1, dim=1)
-    if bool((vals_bk1[:, k - 1] > vals_bk1[:, k]).all()):  # no tie across the boundary: the set is exact
-        return vals_bk1[:, :k], cols_bk1[:, :k]
-    thr_b = vals_bk1[:, k - 1: k]
+    vals_bk, _ = x_bv.topk(k, dim=1)
+    thr_b = vals_bk[:, -1:]
     greater_bv = x_bv > thr_b
     tied_bv = x_bv == thr_b
     room_b = k - greater_bv.sum(dim=1, keepdim=True)
@@ -146,7 +141,7 @@ def _sample_top_k(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingPara
     b = x_bv.shape[0]
     k = 1 if params.greedy else params.top_k
     k_local = min(k, vs.num_valid)
-    pack_bp = x_bv.new_full((b, 2 * k + 2), -torch.inf, dtype=torch.float64)  # [vals, ids, max, sum-exp]
+    pack_bp = x_bv.new_full((b, 2 * k + 2), -torch.inf)  # [vals (k), ids (k), max, sum-exp]
     pack_bp[:, k: 2 * k] = _NO_ID
     if k_local > 0:
         vals_bk, cols_bk = _local_top_k(x_bv, k_local)

@@ -166,19 +166,3 @@ def test_bad_requests_raise(runtime, llama):
         eng.generate([[3, 10_000]], PAPER)
     with pytest.raises(ValueError, match="sample keys"):
         eng.generate([[3]], PAPER, keys=[SampleKey(), SampleKey()])
-
-
-@pytest.mark.parametrize("channels", [32, 48])  # 48: RoPE on the first 32 channels only (rotary_percent < 1)
-def test_rollout_rotation_is_bit_identical_to_megatrons(channels):
-    """RolloutAttention rotates with megatron's own formula; per-row positions just index the table."""
-    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-
-    from megatron_opsd.rollout.attention import RolloutAttention
-
-    attention = RolloutAttention([])
-    gen = torch.Generator().manual_seed(0)
-    attention._freqs_n1d = torch.rand(64, 1, 32, generator=gen) * 50  # angles [positions, 1, rot]
-    positions = torch.randint(0, 64, (3, 5), generator=gen)  # [b, s]
-    attention.set_inputs(positions, keep_b1qk=None, dtype=torch.float32)
-    x = torch.randn(5, 3, 4, channels, generator=gen)  # [s, b, heads, d]
-    assert torch.equal(attention._rotate(x), _apply_rotary_pos_emb_bshd(x, attention._freqs_n1d[positions.t()]))
