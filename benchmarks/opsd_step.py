@@ -12,8 +12,12 @@ Variants (one fresh process each, TP=1/PP=1, so peak RSS is per rank and compara
   (c) opd         (b) with a separate same-size teacher model (on-policy distillation baseline)
   (d) autograd    (a) but the teacher pass runs with autograd and its graph stays alive until the
                   micro-batch's backward (a naive single-pass implementation)
-Logits are projected at response positions only in every variant, so differences come from the
-teacher's handling alone. Peak memory = max RSS of the process (model, Adam state and activations).
+  (e) ours, logits materialised   (a) with loss.fused_projection=false: the fused schedule alone
+Logits are projected at response positions only in every variant. (a) projects inside the loss a
+chunk of tokens at a time (no [R, V] logits tensor, student or teacher); (b)-(e) materialise the
+micro-batch's [R, V] logits as megatron's output layer does, so (e) vs (b) isolates the schedule and
+(a) vs (e) the fused projection. Peak memory = max RSS of the process (model, Adam state and
+activations).
 """
 
 from __future__ import annotations
@@ -31,8 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-VARIANTS = {"a": "ours (fused schedule)", "b": "separate teacher pass", "c": "OPD, separate teacher model",
-            "d": "teacher with autograd"}
+VARIANTS = {"a": "ours (fused schedule + fused projection)", "b": "separate teacher pass",
+            "c": "OPD, separate teacher model", "d": "teacher with autograd",
+            "e": "ours, logits materialised"}
 
 
 def build(args):
@@ -121,9 +126,10 @@ def child(args) -> None:
     from megatron_opsd.models.provider import ModelBuildConfig
 
     model_cfg, runtime, chunks, ddp, optimizer, batches = build(args)
-    ctx = StepContext(runtime=runtime, loss=LossConfig(teacher="live"), temperature=1.0,
-                      vocab_size=model_cfg.vocab_size, teacher=Teacher(ddp), detailed_metrics=False)
-    if args.variant == "a":
+    loss = LossConfig(teacher="live", fused_projection=args.variant == "a")
+    ctx = StepContext(runtime=runtime, loss=loss, temperature=1.0, vocab_size=model_cfg.vocab_size,
+                      teacher=Teacher(ddp), detailed_metrics=False)
+    if args.variant in ("a", "e"):
         run = lambda: train_step(ctx, ddp, optimizer, batches, pad_id=0, clip_grad=1.0)  # noqa: E731
     elif args.variant == "b":
         run = lambda: separate_step(ctx, ddp, optimizer, batches, ctx.teacher.chunks, opd=False)  # noqa: E731
@@ -153,6 +159,7 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="student prompt tokens")
     parser.add_argument("--teacher-extra", type=int, default=256, help="teacher prompt minus student prompt")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--variants", default="".join(VARIANTS), help="which to run, e.g. 'abe' (default: all)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -163,8 +170,11 @@ def main() -> None:
           f"{args.prompt}, teacher prompt {args.prompt + args.teacher_extra}; fwd+bwd+Adam step")
     results = {}
     for variant in VARIANTS:
+        if variant not in args.variants:
+            results[variant] = None
+            continue
         cmd = [sys.executable, __file__, "--variant", variant] + [
-            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k != "variant"]
+            f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("variant", "variants")]
         proc = subprocess.run(cmd, capture_output=True, text=True,
                               env={**__import__("os").environ, "OMP_NUM_THREADS": "2", "PYTHONWARNINGS": "ignore"})
         line = [x for x in proc.stdout.splitlines() if x.startswith("{")]
@@ -179,7 +189,8 @@ def main() -> None:
     for variant, name in VARIANTS.items():
         r = results[variant]
         if r is None:
-            print(f"| ({variant}) {name} | failed | | | | |")
+            if variant in args.variants:
+                print(f"| ({variant}) {name} | failed | | | | |")
             continue
         ratio_t = r["step_s"] / a["step_s"] if a else float("nan")
         ratio_m = r["peak_mib"] / a["peak_mib"] if a else float("nan")

@@ -36,6 +36,13 @@ class LossConfig:
     opd_teacher_load: str | None = doc("mode=opd: the teacher checkpoint directory.", default=None)
     chunk_size: int | None = doc("Tokens per chunk in the divergence kernels; null = automatic.",
                                  default=None)
+    fused_projection: bool = doc(
+        "Project the last hidden states onto the vocabulary chunk by chunk inside the loss, so that "
+        "response logits [R, V/TP] never exist whole (student or teacher); false materialises them "
+        "(the reference path; more memory, same result).", default=True)
+    projection_chunk: int | None = doc(
+        "fused_projection: tokens per projected chunk; null = automatic (2^24 logits per chunk on "
+        "CPU, 2^26 on GPU).", default=None)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.beta <= 1.0:
@@ -50,5 +57,7 @@ class LossConfig:
             raise ValueError("loss.top_k has no meaning with divergence=sampled_token: set top_k: null")
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"loss.ema_decay={self.ema_decay} must lie in (0, 1)")
+        if self.projection_chunk is not None and self.projection_chunk < 1:
+            raise ValueError(f"loss.projection_chunk={self.projection_chunk} must be >= 1 (or null)")
         if self.mode == "opd" and not self.opd_teacher_load:
             raise ValueError("loss.mode=opd needs loss.opd_teacher_load: the teacher checkpoint directory")

@@ -7,9 +7,13 @@ Per micro-batch, on every pipeline stage (chunk):
     to next stage  cat([student, teacher], dim=0)              [L_s + L_t, B, H]
 
 so teacher activations are never stored for backward. On the last stage the output layer runs only
-at the response positions of each context (a forward pre-hook selects them), giving vocab-sharded
-logits [B, R, V/TP] for both; the teacher's live only for their own micro-batch, inside the loss
-function. The loss is ``vocab_parallel_divergence`` (or a variant) summed over response tokens.
+at the response positions of each context (a forward pre-hook selects them). By default
+(``loss.fused_projection``) it does not even run there: the hidden states at those positions go to
+the loss, which projects student and teacher onto the vocabulary shard a chunk of tokens at a time
+and computes the student's gradient in the same pass (``losses.projected``), so no [R, V/TP] logits
+tensor exists at any time; the reference path materialises vocab-sharded logits [B, R, V/TP] for both
+(the teacher's live only inside their micro-batch's loss function). The loss is
+``vocab_parallel_divergence`` (or a variant) summed over response tokens.
 
 Normalisation: the loss is the mean over every response token of the step, across all micro-batches
 and data-parallel ranks. Each micro-batch's loss function returns (sum over its tokens, its token
@@ -38,6 +42,7 @@ from megatron_opsd.losses import (
     vocab_parallel_token_logprobs,
     vocab_parallel_topk_divergence,
 )
+from megatron_opsd.losses.projected import projected_token_loss
 from megatron_opsd.opsd.config import LossConfig
 from megatron_opsd.opsd.teacher import Teacher, unwrap
 from megatron_opsd.parallel import ParallelRuntime
@@ -48,16 +53,29 @@ class NonFiniteError(FloatingPointError):
 
 
 class ResponseProjection:
-    """Makes a GPTModel's output layer run only at selected positions (a forward pre-hook)."""
+    """Makes a GPTModel's output layer run only at selected positions of the last stage.
+
+    ``at(index)``: a forward pre-hook selects the hidden states at ``index`` ([B, R] positions), so the
+    output layer returns logits [B, R, V/TP] (the model's output). ``at(index, deferred=True)``: the
+    output layer returns those hidden states [B, R, H] instead, with the TP copy its own forward would
+    apply (backward all-reduces their gradient over TP), and records the weight it would have used
+    (its own, or the tied embedding passed in) in ``weight``: the loss then projects chunk by chunk
+    (``losses.projected``), so no [R, V/TP] logits tensor ever exists.
+    """
 
     def __init__(self, chunk: torch.nn.Module):
         self.index: torch.Tensor | None = None
+        self.deferred = False
+        self.weight: torch.Tensor | None = None
         output_layer = getattr(chunk, "output_layer", None)
         if output_layer is not None and getattr(chunk, "post_process", False):
             if getattr(output_layer, "sequence_parallel", False):
                 raise ValueError("sequence parallelism is not supported by the OPSD step yet: the output "
                                  "layer's input is sequence-sharded; set parallel.sequence_parallel=false")
             output_layer.register_forward_pre_hook(self._select, with_kwargs=True)
+            self._layer_forward = output_layer.forward
+            self._tp_group = output_layer.tp_group
+            output_layer.forward = self._forward
 
     def _select(self, module, args, kwargs):
         if self.index is None:
@@ -66,13 +84,40 @@ class ResponseProjection:
         selected_rbh = gather_response_positions(hidden_lbh, self.index).transpose(0, 1).contiguous()
         return (selected_rbh, *args[1:]), kwargs
 
+    def _forward(self, input_, weight=None, runtime_gather_output=None):
+        if not (self.deferred and self.index is not None):
+            return self._layer_forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
+        layer = self._layer_forward.__self__
+        self.weight = layer.weight if weight is None else weight
+        return _ReduceGradOverTP.apply(input_, self._tp_group), None
+
     @contextlib.contextmanager
-    def at(self, index: torch.Tensor):
-        self.index = index
+    def at(self, index: torch.Tensor | None, *, deferred: bool = False):
+        self.index, self.deferred, self.weight = index, deferred, None
         try:
-            yield
+            yield self
         finally:
-            self.index = None
+            self.index, self.deferred = None, False
+
+
+class _ReduceGradOverTP(torch.autograd.Function):
+    """Identity forward; backward all-reduces the gradient over the TP group, as ColumnParallelLinear
+    does for its input. Not megatron-core's ``copy_to_tensor_model_parallel_region``: its backward
+    all-reduces ``grad.contiguous()`` and returns ``grad``, so a non-contiguous gradient (ours comes
+    back through GPTModel's [s, b, h] -> [b, s, h] transpose when B > 1) would silently stay unreduced.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
+            dist.all_reduce(grad, group=ctx.group)
+        return grad, None
 
 
 def _projection(chunk: torch.nn.Module) -> ResponseProjection:
@@ -107,60 +152,105 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     if received is not None:
         student_in, teacher_in = received[:len_s], received[len_s:]
 
-    teacher_out = None
+    deferred = ctx.loss.fused_projection
+    teacher_out = teacher_weight = None
     if ctx.teacher is not None:
         teacher = ctx.teacher.chunks[chunk_id]
-        with torch.no_grad(), _projection(teacher).at(batch.teacher_index if last else None):
+        with torch.no_grad(), _projection(teacher).at(batch.teacher_index if last else None,
+                                                      deferred=deferred) as head:
             teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
             teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
                                   batch.teacher.attention_mask)
+            teacher_weight = head.weight
 
     student.set_input_tensor(student_in)
-    with _projection(student).at(batch.student_index if last else None):
+    with _projection(student).at(batch.student_index if last else None, deferred=deferred) as head:
         student_out = model(batch.student.tokens, batch.student.position_ids, batch.student.attention_mask)
 
     if not last:
         if teacher_out is None:
             return student_out, None
         return torch.cat([student_out, teacher_out], dim=0), None
+    if deferred:
+        return student_out, partial(projected_loss_func, ctx, index, batch, teacher_out, teacher_weight,
+                                    head.weight)
     return student_out, partial(loss_func, ctx, index, batch, teacher_out)
+
+
+def token_losses(ctx: StepContext, response_ids: torch.Tensor, student_logits: torch.Tensor,
+                 teacher_logits: torch.Tensor | None) -> torch.Tensor:
+    """fp32 per-token loss [...] of the configured mode/divergence (differentiable in the student)."""
+    cfg, tp_group, vocab = ctx.loss, ctx.runtime.tp_group, ctx.vocab_size
+    common = dict(temperature=ctx.temperature, vocab_size=vocab, tp_group=tp_group)
+    if cfg.mode == "sft":
+        return -vocab_parallel_token_logprobs(student_logits, response_ids, vocab_size=vocab, tp_group=tp_group)
+    if cfg.divergence == "sampled_token":
+        logp_s = vocab_parallel_token_logprobs(student_logits, response_ids, **common)
+        logp_t = vocab_parallel_token_logprobs(teacher_logits, response_ids, **common)
+        return sampled_token_advantage_loss(logp_s, logp_t)
+    if cfg.top_k is not None:
+        return vocab_parallel_topk_divergence(
+            student_logits, teacher_logits, k=cfg.top_k, tail=cfg.top_k_tail, divergence=cfg.divergence,
+            beta=cfg.beta, clip=cfg.clip, chunk_size=cfg.chunk_size, **common)
+    return vocab_parallel_divergence(student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta,
+                                     clip=cfg.clip, chunk_size=cfg.chunk_size, **common)
 
 
 def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logits: torch.Tensor | None,
               student_logits: torch.Tensor):
-    """(sum of per-token losses, response-token count, metric sums) for one micro-batch."""
-    cfg, tp_group, vocab = ctx.loss, ctx.runtime.tp_group, ctx.vocab_size
+    """(sum of per-token losses, response-token count, metric sums) from materialised logits [B, R, V/TP].
+
+    The reference path (``loss.fused_projection: false``); ``projected_loss_func`` is the default.
+    """
     mask = batch.loss_mask
-    common = dict(temperature=ctx.temperature, vocab_size=vocab, tp_group=tp_group)
-    if cfg.mode == "sft":
-        per_token = -vocab_parallel_token_logprobs(student_logits, batch.response_ids, vocab_size=vocab,
-                                                   tp_group=tp_group)
-    elif cfg.divergence == "sampled_token":
-        logp_s = vocab_parallel_token_logprobs(student_logits, batch.response_ids, **common)
-        logp_t = vocab_parallel_token_logprobs(teacher_logits, batch.response_ids, **common)
-        per_token = sampled_token_advantage_loss(logp_s, logp_t)
-    elif cfg.top_k is not None:
-        per_token = vocab_parallel_topk_divergence(
-            student_logits, teacher_logits, k=cfg.top_k, tail=cfg.top_k_tail, divergence=cfg.divergence,
-            beta=cfg.beta, clip=cfg.clip, chunk_size=cfg.chunk_size, **common)
-    else:
-        per_token = vocab_parallel_divergence(
-            student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta, clip=cfg.clip,
-            chunk_size=cfg.chunk_size, **common)
+    per_token = token_losses(ctx, batch.response_ids, student_logits, teacher_logits)
     loss_sum = (per_token * mask).sum()
-    num_tokens = mask.sum()
-    metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach()}
+    detailed = _detailed_metrics(ctx, mask, student_logits, teacher_logits, per_token) if ctx.detailed_metrics else {}
+    return _loss_output(index, batch, loss_sum, detailed)
+
+
+def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_hidden: torch.Tensor | None,
+                        teacher_weight: torch.Tensor | None, student_weight: torch.Tensor,
+                        student_hidden: torch.Tensor):
+    """The same triple from the hidden states [B, R, H] at the response positions.
+
+    Only the response tokens (loss mask != 0) are projected, chunk by chunk, inside the loss
+    (``losses.projected``): logits exist for one chunk at a time, for student and teacher alike.
+    """
+    mask_n = batch.loss_mask.flatten()
+    rows = mask_n.nonzero().squeeze(1)
+    hidden_s = student_hidden.flatten(0, 1).index_select(0, rows)
+    hidden_t = None if teacher_hidden is None else teacher_hidden.flatten(0, 1).index_select(0, rows)
+    ids_n, weights_n = batch.response_ids.flatten()[rows], mask_n[rows]
+    sums: dict[str, torch.Tensor] = {}
+
+    def token_loss(s_cv, t_cv, chunk):
+        return token_losses(ctx, ids_n[chunk], s_cv, t_cv)
+
+    def add_metrics(s_cv, t_cv, per_token_c, chunk):
+        for key, value in _detailed_metrics(ctx, weights_n[chunk], s_cv, t_cv, per_token_c).items():
+            sums[key] = sums[key] + value if key in sums else value
+
+    loss_sum, _ = projected_token_loss(
+        hidden_s, student_weight, hidden_t, teacher_weight if hidden_t is not None else None, token_loss,
+        weights_n, chunk_tokens=ctx.loss.projection_chunk,
+        on_chunk=add_metrics if ctx.detailed_metrics else None)
+    return _loss_output(index, batch, loss_sum, sums)
+
+
+def _loss_output(index: int, batch: OPSDMicroBatch, loss_sum: torch.Tensor, detailed: dict):
+    num_tokens = batch.loss_mask.sum()
+    metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach(), **detailed}
     if not torch.isfinite(loss_sum):
         # Raised after the schedule on every rank (raising here would leave the other stages waiting).
         metrics["nonfinite_microbatch"] = index + 1
-    if ctx.detailed_metrics:
-        metrics.update(_detailed_metrics(ctx, batch, student_logits, teacher_logits, per_token))
     return loss_sum, num_tokens.to(torch.int), metrics
 
 
 @torch.no_grad()
-def _detailed_metrics(ctx: StepContext, batch, student_logits, teacher_logits, per_token) -> dict:
-    cfg, mask = ctx.loss, batch.loss_mask
+def _detailed_metrics(ctx: StepContext, mask, student_logits, teacher_logits, per_token) -> dict:
+    """Masked sums of entropies, the unclipped divergence and clipped tokens (any leading shape)."""
+    cfg = ctx.loss
     common = dict(temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group,
                   chunk_size=cfg.chunk_size)
     out = {"entropy_student_sum": (vocab_parallel_entropy(student_logits, **common) * mask).sum()}
@@ -194,10 +284,11 @@ def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: l
     items = list(enumerate(batches))
     iterators = [iter(items) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(items)
     longest = max(b.student.tokens.shape[1] + b.teacher.tokens.shape[1] for b in batches)
-    stored = forward_backward(
-        ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,
-        num_microbatches=len(batches), seq_length=longest, micro_batch_size=batches[0].loss_mask.shape[0],
-        forward_only=forward_only)
+    with torch.no_grad() if forward_only else contextlib.nullcontext():
+        stored = forward_backward(
+            ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,
+            num_microbatches=len(batches), seq_length=longest,
+            micro_batch_size=batches[0].loss_mask.shape[0], forward_only=forward_only)
     return reduce_metrics(stored, runtime)
 
 

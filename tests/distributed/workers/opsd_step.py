@@ -93,6 +93,7 @@ LOSS_CONFIGS = {
     "forward_kl clip": dict(clip=2e-4, teacher="live"),
     "jsd": dict(divergence="jsd", clip=None, teacher="live"),
     "top_k=8 tail": dict(top_k=8, teacher="live"),
+    "sampled_token": dict(divergence="sampled_token", clip=None, teacher="live"),
 }
 LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")), ("PP2", dict(pp=2)), ("TP2xPP2", dict(tp=2, pp=2)),
            ("PP2xVPP2", dict(pp=2, vpp=2)), ("TP4", dict(tp=4)), ("DP4", dict(num_microbatches=1))]
@@ -114,9 +115,13 @@ def reference(path: str) -> None:
         ref, _ = one_step(model_cfg, full, pairs, LossConfig(**fields))
         single, _ = one_step(model_cfg, full, pairs, LossConfig(**fields), num_microbatches=1)
         ok = close(single["loss"], ref["loss"]) and close(single["grad_norm"], ref["grad_norm"])
+        # the default fused projection against materialised logits (the reference path), metrics too
+        whole, _ = one_step(model_cfg, full, pairs, LossConfig(**fields, fused_projection=False))
+        same = all(close(whole[k], ref[k]) for k in ref if k not in ("step_time_s", "tokens_per_s"))
         print(f"[{name}] TP1PP1DP1 loss={ref['loss']:.8f} grad_norm={ref['grad_norm']:.8f}; "
-              f"1 micro-batch {'ok' if ok else 'MISMATCH'}")
+              f"1 micro-batch {'ok' if ok else 'MISMATCH'}; materialised logits {'ok' if same else 'MISMATCH'}")
         assert ok, (single, ref)
+        assert same, (whole, ref)
         out[name] = ref
     with open(path, "w") as f:
         json.dump(out, f)

@@ -1,0 +1,143 @@
+"""A per-token loss on logits that are projected chunk by chunk and never exist whole.
+
+The output layer's logits at R response positions are an ``[R, V/TP]`` tensor per rank (311 MiB fp32
+for 512 tokens of a 151,936-entry vocabulary), and a loss on them normally keeps the student's and the
+teacher's copies plus the gradient alive between forward and backward. Here the projection is fused
+with the loss, as in "cut cross-entropy" kernels: for each chunk of ``c`` tokens
+
+    s = h_S[c] W_S^T,  t = h_T[c] W_T^T                    [c, V/TP]   (teacher: no grad)
+    l = token_loss(s, t)                                  [c]
+    g = d(sum w * l) / ds                                  [c, V/TP]   (autograd, local to the chunk)
+    dh_S[c] = g W_S;  dW_S += g^T h_S[c]                   (fp32 accumulator for W)
+
+all inside the forward; the backward only scales the stored ``dh_S`` [n, H] and ``dW_S`` [V/TP, H] by
+the incoming scalar. Peak extra memory is a few ``[c, V/TP]`` buffers and one weight-sized fp32
+accumulator, independent of the number of tokens. The FLOPs are those of the unfused projection.
+
+Tensor parallelism: ``W`` is this rank's vocabulary slice. ``h_S`` must already be the output of
+``copy_to_tensor_model_parallel_region`` (as inside megatron-core's ``ColumnParallelLinear``), whose
+backward all-reduces ``dh_S`` over the TP group. ``token_loss`` may use vocab-parallel collectives in
+its forward (every rank walks the same chunks) but none in its backward (true of every kernel in
+``megatron_opsd.losses``), because its backward runs here, inside this forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from megatron_opsd.losses.sharding import row_chunks
+
+# Elements per [c, V/TP] logits buffer when the caller does not choose the chunk: large enough that
+# the three matmuls per chunk read W a handful of times per micro-batch, small next to the weights.
+_PROJECTION_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 26}
+
+TokenLoss = Callable[[torch.Tensor, torch.Tensor | None, slice], torch.Tensor]
+"""``(student_logits [c, v], teacher_logits [c, v] or None, rows) -> per-token loss [c]``."""
+ChunkHook = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, slice], None]
+"""``(student_logits, teacher_logits, per-token loss, rows)``, called under no_grad (e.g. metrics)."""
+
+
+def projection_rows(chunk_tokens: int | None, num_local: int, device: torch.device) -> int:
+    """Tokens per projected chunk: ``chunk_tokens`` if given, else a fixed element budget."""
+    if chunk_tokens is not None:
+        if chunk_tokens < 1:
+            raise ValueError(f"projection chunk of {chunk_tokens} tokens: must be >= 1 (or None)")
+        return chunk_tokens
+    budget = _PROJECTION_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
+    rows = max(1, budget // num_local)
+    # matmuls run markedly faster on row counts that are multiples of 64 (CPU: 110 rows cost 1.3x
+    # the per-row time of 128 at V=151,936, H=256)
+    return 64 * round(rows / 64) if rows > 64 else rows
+
+
+class _ProjectedTokenLoss(torch.autograd.Function):
+    # The gradients are kept as ctx attributes rather than saved tensors so that backward can drop the
+    # reference and hand dW to autograd without a copy (AccumulateGrad steals a tensor nobody else
+    # holds): one weight-sized buffer from the loss's forward until the parameter's grad hook.
+
+    @staticmethod
+    def forward(ctx, hidden_nh, weight_vh, run):
+        loss, ctx.grad_h, ctx.grad_w = run(hidden_nh, weight_vh)
+        ctx.weight_dtype = weight_vh.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        if grad_h is None:
+            raise RuntimeError("projected_token_loss: backward called twice (the gradients are consumed)")
+        ctx.grad_h = ctx.grad_w = None
+        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
+        return grad_h.mul_(grad_loss), grad_w, None
+
+
+def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_t: torch.Tensor | None,
+                         weight_t: torch.Tensor | None, token_loss: TokenLoss, token_weights: torch.Tensor, *,
+                         chunk_tokens: int | None = None, on_chunk: ChunkHook | None = None,
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sum_n w_n * token_loss(h_S W_S^T, h_T W_T^T)_n`` with gradient to ``hidden_s`` and ``weight_s``.
+
+    ``hidden_s``, ``hidden_t``: ``[n, H]`` (the teacher's is treated as constant); ``weight_s``,
+    ``weight_t``: this rank's ``[V/TP, H]`` output weights (the same tensor for a live teacher);
+    ``token_weights``: ``[n]`` (the loss mask). Returns the scalar loss and the detached fp32
+    per-token losses ``[n]``. Gradients are computed only when grad mode is on and ``hidden_s`` or
+    ``weight_s`` requires grad.
+    """
+    if hidden_s.dim() != 2 or weight_s.dim() != 2 or hidden_s.shape[1] != weight_s.shape[1]:
+        raise ValueError(f"hidden {tuple(hidden_s.shape)} and weight {tuple(weight_s.shape)}: expected "
+                         "[n, H] and [V_local, H]")
+    if (hidden_t is None) != (weight_t is None):
+        raise ValueError("give both the teacher's hidden states and its output weight, or neither")
+    if hidden_t is not None and hidden_t.shape != hidden_s.shape:
+        raise ValueError(f"teacher hidden {tuple(hidden_t.shape)} != student hidden {tuple(hidden_s.shape)}")
+    if hidden_t is not None and weight_t.shape != weight_s.shape:
+        raise ValueError(f"teacher weight {tuple(weight_t.shape)} != student weight {tuple(weight_s.shape)}")
+    num_rows = hidden_s.shape[0]
+    rows_per_chunk = projection_rows(chunk_tokens, weight_s.shape[0], hidden_s.device)
+    need_grad = torch.is_grad_enabled() and (hidden_s.requires_grad or weight_s.requires_grad)
+    per_token = torch.zeros(num_rows, dtype=torch.float32, device=hidden_s.device)
+
+    def run(h_s: torch.Tensor, w_s: torch.Tensor):
+        grad_h = torch.zeros_like(h_s) if need_grad else None
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_grad else None
+        loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
+        # One logits buffer reused by every chunk (fresh [c, V] allocations page-fault on CPU). A live
+        # teacher shares the student's weight: both sides are then projected by a single matmul.
+        sides = 1 if hidden_t is None else 2
+        flat = w_s.new_empty((sides * min(rows_per_chunk, num_rows), w_s.shape[0]))
+        w_s_t = w_s.detach().t()
+        for rows in row_chunks(num_rows, rows_per_chunk):
+            n = rows.stop - rows.start
+            with torch.no_grad():
+                if hidden_t is not None and weight_t is w_s:
+                    torch.mm(torch.cat([h_s[rows].detach(), hidden_t[rows]]), w_s_t, out=flat[:2 * n])
+                else:
+                    torch.mm(h_s[rows].detach(), w_s_t, out=flat[:n])
+                    if hidden_t is not None:
+                        torch.mm(hidden_t[rows], weight_t.t(), out=flat[n:2 * n])
+                s = flat[:n].detach()
+                t = None if hidden_t is None else flat[n:2 * n]
+            with torch.enable_grad():
+                s.requires_grad_(need_grad)
+                loss_c = token_loss(s, t, rows)
+                weighted = (loss_c * token_weights[rows]).sum()
+                grad_s = torch.autograd.grad(weighted, s)[0] if need_grad else None
+            loss += weighted.detach()
+            per_token[rows] = loss_c.detach()
+            if on_chunk is not None:
+                with torch.no_grad():
+                    on_chunk(s.detach(), t, per_token[rows], rows)
+            if need_grad:
+                grad_h[rows] = grad_s.to(w_s.dtype) @ w_s
+                grad_w.addmm_(grad_s.t().float(), h_s[rows].float())
+            del s, t, grad_s
+        return loss, grad_h, grad_w
+
+    if need_grad:
+        loss = _ProjectedTokenLoss.apply(hidden_s, weight_s, run)
+    else:
+        with torch.no_grad():
+            loss = run(hidden_s, weight_s)[0]
+    return loss, per_token

@@ -1,0 +1,149 @@
+"""The fused projection + loss (losses.projected) against a plain fp64 computation on whole logits.
+
+The reference projects all tokens at once in fp64 (``h @ W^T``), applies the independent reference
+divergences of ``losses_reference`` and differentiates with autograd; ours projects chunk by chunk in
+fp32 and computes the gradient inside the forward. Tolerances: fp32 vs fp64 on O(1) values, as in
+test_losses.py (values 5e-6, gradients 2e-6 absolute + 1e-4 relative).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_token_logprobs
+from megatron_opsd.losses.projected import projected_token_loss
+from tests.distributed.workers import losses_reference as ref
+
+N, H, V, VOCAB = 13, 16, 40, 37  # 37 real ids, 3 padded columns (as after TP padding)
+VALUE_TOL = dict(rtol=5e-6, atol=5e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=2e-6)
+
+
+def inputs(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    h_s = torch.randn(N, H, generator=gen, dtype=torch.float64)
+    h_t = h_s + 0.5 * torch.randn(N, H, generator=gen, dtype=torch.float64)
+    w_s = torch.randn(V, H, generator=gen, dtype=torch.float64) * 0.6
+    w_t = w_s + 0.2 * torch.randn(V, H, generator=gen, dtype=torch.float64)
+    mask = (torch.rand(N, generator=gen) > 0.25).double()
+    ids = torch.randint(0, VOCAB, (N,), generator=gen)
+    return h_s, w_s, h_t, w_t, mask, ids
+
+
+def reference(h_s, w_s, h_t, w_t, mask, per_token):
+    h_s, w_s = h_s.clone().requires_grad_(), w_s.clone().requires_grad_()
+    loss = (per_token(h_s @ w_s.t(), h_t @ w_t.t()) * mask).sum()
+    grad_h, grad_w = torch.autograd.grad(loss, [h_s, w_s])
+    return loss.detach(), grad_h, grad_w
+
+
+def ours(h_s, w_s, h_t, w_t, mask, token_loss, chunk_tokens, grad_scale=1.0):
+    h_s, w_s = h_s.float().requires_grad_(), w_s.float().requires_grad_()
+    h_t = None if h_t is None else h_t.float()
+    w_t = None if w_t is None else w_t.float()
+    loss, per_token = projected_token_loss(h_s, w_s, h_t, w_t, token_loss, mask.float(), chunk_tokens=chunk_tokens)
+    (loss * grad_scale).backward()
+    return loss.detach(), per_token, h_s.grad, w_s.grad
+
+
+@pytest.mark.parametrize("divergence,clip", [("forward_kl", 0.02), ("forward_kl", None), ("jsd", None),
+                                             ("reverse_kl", 0.05)])
+@pytest.mark.parametrize("chunk_tokens", [1, 4, 100])
+def test_divergence_through_projection_matches_fp64(divergence, clip, chunk_tokens):
+    h_s, w_s, h_t, w_t, mask, _ = inputs()
+    kwargs = dict(divergence=divergence, temperature=1.3, clip=clip, vocab_size=VOCAB)
+    ref_loss, ref_gh, ref_gw = reference(h_s, w_s, h_t, w_t, mask, lambda s, t: ref.divergence(s, t, **kwargs))
+    if clip is not None:  # the cap must bind somewhere, or the case proves little
+        entries = ref.entries(ref.log_probs(h_s @ w_s.t(), 1.3, VOCAB), ref.log_probs(h_t @ w_t.t(), 1.3, VOCAB),
+                              divergence, 0.5)
+        assert 0 < (entries > clip).sum() < entries.numel()
+    loss, per_token, gh, gw = ours(h_s, w_s, h_t, w_t, mask,
+                                   lambda s, t, rows: vocab_parallel_divergence(s, t, chunk_size=3, **kwargs),
+                                   chunk_tokens)
+    torch.testing.assert_close(loss.double(), ref_loss, **VALUE_TOL)
+    torch.testing.assert_close(gh.double(), ref_gh, **GRAD_TOL)
+    torch.testing.assert_close(gw.double(), ref_gw, **GRAD_TOL)
+    per_token_ref = ref.divergence(h_s @ w_s.t(), h_t @ w_t.t(), **kwargs)
+    torch.testing.assert_close(per_token.double(), per_token_ref, **VALUE_TOL)
+
+
+def test_token_loss_without_teacher_uses_the_rows_it_is_given():
+    """The sft shape: no teacher, the per-token loss reads the token ids of its chunk's rows."""
+    h_s, w_s, _, _, mask, ids = inputs(1)
+    ref_loss, ref_gh, ref_gw = reference(
+        h_s, w_s, h_s, w_s, mask, lambda s, t: -ref.token_logprobs(s, ids, vocab_size=VOCAB))
+    loss, _, gh, gw = ours(h_s, w_s, None, None, mask,
+                           lambda s, t, rows: -vocab_parallel_token_logprobs(s, ids[rows], vocab_size=VOCAB), 5)
+    torch.testing.assert_close(loss.double(), ref_loss, **VALUE_TOL)
+    torch.testing.assert_close(gh.double(), ref_gh, **GRAD_TOL)
+    torch.testing.assert_close(gw.double(), ref_gw, **GRAD_TOL)
+
+
+def test_incoming_gradient_scales_and_live_teacher_gets_no_gradient_path():
+    """Backward multiplies by the upstream scalar (megatron scales losses); with the live teacher's
+    weight being the student's own tensor, the gradient is still that of the student side alone."""
+    h_s, w_s, h_t, _, mask, _ = inputs(2)
+    kwargs = dict(divergence="forward_kl", temperature=1.0, clip=None, vocab_size=VOCAB)
+    ref_loss, ref_gh, ref_gw = reference(h_s, w_s, h_t, w_s, mask, lambda s, t: ref.divergence(s, t, **kwargs))
+    w = w_s.float().requires_grad_()
+    h = h_s.float().requires_grad_()
+    loss, _ = projected_token_loss(h, w, h_t.float(), w, lambda s, t, rows: vocab_parallel_divergence(s, t, **kwargs),
+                                   mask.float(), chunk_tokens=4)
+    (3.0 * loss).backward()
+    torch.testing.assert_close(h.grad.double(), 3.0 * ref_gh, **GRAD_TOL)
+    torch.testing.assert_close(w.grad.double(), 3.0 * ref_gw, **GRAD_TOL)
+
+
+def test_no_grad_mode_gives_the_value_and_no_graph():
+    h_s, w_s, h_t, w_t, mask, _ = inputs(3)
+    kwargs = dict(divergence="jsd", temperature=1.0, clip=None, vocab_size=VOCAB)
+    fn = lambda s, t, rows: vocab_parallel_divergence(s, t, **kwargs)  # noqa: E731
+    with torch.no_grad():
+        loss, _ = projected_token_loss(h_s.float().requires_grad_(), w_s.float(), h_t.float(), w_t.float(), fn,
+                                       mask.float())
+    assert loss.grad_fn is None
+    ref_loss = (ref.divergence(h_s @ w_s.t(), h_t @ w_t.t(), **kwargs) * mask).sum()
+    torch.testing.assert_close(loss.double(), ref_loss, **VALUE_TOL)
+
+
+def test_empty_selection_gives_zero_and_a_zero_gradient():
+    w = torch.randn(V, H, requires_grad=True)
+    h = torch.zeros(0, H, requires_grad=True)
+    loss, per_token = projected_token_loss(h, w, h.detach(), w, lambda s, t, rows: (s - t).sum(-1),
+                                           torch.zeros(0))
+    loss.backward()
+    assert loss.item() == 0.0 and per_token.numel() == 0
+    assert w.grad is not None and (w.grad == 0).all()
+
+
+def test_bad_shapes_are_named():
+    w = torch.randn(V, H)
+    with pytest.raises(ValueError, match="expected"):
+        projected_token_loss(torch.randn(3, H + 1), w, None, None, lambda s, t, r: s.sum(-1), torch.ones(3))
+    with pytest.raises(ValueError, match="neither"):
+        projected_token_loss(torch.randn(3, H), w, torch.randn(3, H), None, lambda s, t, r: s.sum(-1), torch.ones(3))
+    with pytest.raises(ValueError, match=">= 1"):
+        projected_token_loss(torch.randn(3, H), w, None, None, lambda s, t, r: s.sum(-1), torch.ones(3),
+                             chunk_tokens=0)
+
+
+def test_bf16_weights_accumulate_the_weight_gradient_in_fp32():
+    """bf16 hidden states and weights (GPU training): the value and gradients follow the fp64
+    reference to bf16 resolution, and the weight gradient is returned in the weight's dtype."""
+    h_s, w_s, h_t, w_t, mask, _ = inputs(4)
+    kwargs = dict(divergence="forward_kl", temperature=1.0, clip=None, vocab_size=VOCAB)
+    # the reference sees the same bf16-rounded inputs
+    h_s, w_s, h_t, w_t = (x.bfloat16().double() for x in (h_s, w_s, h_t, w_t))
+    ref_loss, ref_gh, ref_gw = reference(h_s, w_s, h_t, w_t, mask, lambda s, t: ref.divergence(s, t, **kwargs))
+    h = h_s.bfloat16().requires_grad_()
+    w = w_s.bfloat16().requires_grad_()
+    loss, _ = projected_token_loss(h, w, h_t.bfloat16(), w_t.bfloat16(),
+                                   lambda s, t, rows: vocab_parallel_divergence(s, t, **kwargs), mask.float(),
+                                   chunk_tokens=3)
+    loss.backward()
+    assert w.grad.dtype == torch.bfloat16 and h.grad.dtype == torch.bfloat16
+    # bf16 logits carry ~0.4% relative error; scale the tolerances to the largest reference entry
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=3e-2, atol=3e-2 * ref_loss.abs().item())
+    torch.testing.assert_close(h.grad.double(), ref_gh, rtol=5e-2, atol=2e-2 * ref_gh.abs().max().item())
+    torch.testing.assert_close(w.grad.double(), ref_gw, rtol=5e-2, atol=2e-2 * ref_gw.abs().max().item())
