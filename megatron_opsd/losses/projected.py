@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from megatron_opsd.losses.sharding import row_chunks
+from megatron_opsd.losses.sharding import row_chunks, rows_within_budget
 
 # Elements per [c, V/TP] logits buffer when the caller does not choose the chunk: large enough that
 # the three matmuls per chunk read W a handful of times per micro-batch, small next to the weights.
@@ -40,16 +40,10 @@ ChunkHook = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, slice], N
 
 
 def projection_rows(chunk_tokens: int | None, num_local: int, device: torch.device) -> int:
-    """Tokens per projected chunk: ``chunk_tokens`` if given, else a fixed element budget."""
-    if chunk_tokens is not None:
-        if chunk_tokens < 1:
-            raise ValueError(f"projection chunk of {chunk_tokens} tokens: must be >= 1 (or None)")
-        return chunk_tokens
-    budget = _PROJECTION_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
-    rows = max(1, budget // num_local)
-    # matmuls run markedly faster on row counts that are multiples of 64 (CPU: 110 rows cost 1.3x
-    # the per-row time of 128 at V=151,936, H=256)
-    return 64 * round(rows / 64) if rows > 64 else rows
+    """Tokens per projected chunk: ``chunk_tokens`` if given, else a fixed element budget. Matmuls run
+    markedly faster on row counts that are multiples of 64 (CPU: 110 rows cost 1.3x the per-row time
+    of 128 at V=151,936, H=256), so the automatic count is rounded to one."""
+    return rows_within_budget(chunk_tokens, num_local, device, _PROJECTION_ELEMENTS, align=64)
 
 
 class _ProjectedTokenLoss(torch.autograd.Function):

@@ -52,12 +52,20 @@ def vocab_shard(num_local: int, vocab_size: int | None, tp_group: dist.ProcessGr
 
 def chunk_rows(chunk_size: int | None, shard: VocabShard, device: torch.device) -> int:
     """Tokens per chunk: ``chunk_size`` if given, else a fixed element budget per ``[c, v]`` buffer."""
+    # num_local, not num_valid: equal on all ranks
+    return rows_within_budget(chunk_size, shard.num_local, device, _CHUNK_ELEMENTS)
+
+
+def rows_within_budget(chunk_size: int | None, num_columns: int, device: torch.device,
+                       budgets: dict[str, int], align: int = 1) -> int:
+    """``chunk_size`` if given (validated), else ``budgets[device kind] // num_columns`` rows, rounded
+    to a multiple of ``align`` when that many fit."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens (or None)")
         return chunk_size
-    budget = _CHUNK_ELEMENTS["cuda" if device.type == "cuda" else "cpu"]
-    return max(1, budget // shard.num_local)  # num_local, not num_valid: equal on all ranks
+    rows = max(1, budgets["cuda" if device.type == "cuda" else "cpu"] // num_columns)
+    return align * round(rows / align) if rows > align else rows
 
 
 def row_chunks(num_rows: int, rows_per_chunk: int) -> Iterator[slice]:
