@@ -40,7 +40,8 @@ from megatron_opsd import cpu_compat
 from megatron_opsd.parallel import ParallelRuntime
 from megatron_opsd.rollout import noise
 from megatron_opsd.rollout.attention import RolloutAttention
-from megatron_opsd.rollout.sampler import VocabSlice, sample_next, vocab_slice
+from megatron_opsd.losses.sharding import VocabShard, vocab_shard
+from megatron_opsd.rollout.sampler import sample_next
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
 
 
@@ -169,7 +170,7 @@ class MegatronRolloutEngine:
         runtime = self.runtime
         packed = torch.empty((b, 3), dtype=torch.float64, device=runtime.device)
         if runtime.is_last_stage:
-            vs = self._vocab_slice(logits_bv.shape[-1])
+            vs = self._vocab_shard(logits_bv.shape[-1])
             keys_b = noise.row_keys(sampling.seed, keys, step, runtime.device)
             s = sample_next(logits_bv, keys_b, sampling, vs)
             packed[:, 0], packed[:, 1], packed[:, 2] = s.token_ids.double(), s.sampling_logprobs, s.model_logprobs
@@ -177,9 +178,9 @@ class MegatronRolloutEngine:
             dist.broadcast(packed, src=self._last_rank, group=runtime.pp_group)
         return packed[:, 0].long(), packed[:, 1], packed[:, 2]
 
-    def _vocab_slice(self, num_local: int) -> VocabSlice:
+    def _vocab_shard(self, num_local: int) -> VocabShard:
         group = self.runtime.tp_group if self.runtime.tp > 1 else None
-        return vocab_slice(num_local, self.vocab_size, group)
+        return vocab_shard(num_local, self.vocab_size, group)
 
     # ---- model forward across chunks and stages ------------------------------------------------
     def _forward(self, tokens_bs: torch.Tensor, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor,

@@ -28,33 +28,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
+from megatron_opsd.losses.sharding import VocabShard, all_reduce_sum_, gather_ranks
 from megatron_opsd.rollout import noise
 from megatron_opsd.rollout.types import SamplingParams
 
 _NO_ID = float(2**52)  # id of a missing candidate (exactly representable; sorts after every real id)
-
-
-@dataclass(frozen=True)
-class VocabSlice:
-    """This rank's columns of the padded vocabulary."""
-
-    group: dist.ProcessGroup | None
-    world_size: int
-    start: int  # global id of local column 0
-    num_local: int
-    num_valid: int  # leading local columns with global id < vocab_size
-
-
-def vocab_slice(num_local: int, vocab_size: int, tp_group: dist.ProcessGroup | None) -> VocabSlice:
-    world_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-    rank = 0 if tp_group is None else dist.get_rank(tp_group)
-    if not 1 <= vocab_size <= num_local * world_size:
-        raise ValueError(f"vocab_size={vocab_size} must lie in [1, {num_local * world_size}] (the padded "
-                         f"vocabulary: {num_local} columns x {world_size} ranks)")
-    start = rank * num_local
-    return VocabSlice(tp_group, world_size, start, num_local, min(max(vocab_size - start, 0), num_local))
 
 
 @dataclass
@@ -67,7 +46,7 @@ class StepSample:
 
 
 def sample_next(logits_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingParams,
-                vs: VocabSlice) -> StepSample:
+                vs: VocabShard) -> StepSample:
     """Sample one token per row from this rank's logits ``[b, v]``; ``keys_b`` int64 [b] noise keys."""
     x_bv = logits_bv[:, : vs.num_valid].double()
     if params.greedy or params.top_k > 0:
@@ -77,21 +56,6 @@ def sample_next(logits_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingP
 
 # ---------------------------------------------------------------------------------------------------
 # Collectives and log-sum-exp pieces
-
-
-def _all_gather(x: torch.Tensor, vs: VocabSlice) -> torch.Tensor:
-    """[...] -> [r, ...] in rank order."""
-    if vs.world_size == 1:
-        return x.unsqueeze(0)
-    out = x.new_empty((vs.world_size, *x.shape))
-    dist.all_gather(list(out.unbind(0)), x.contiguous(), group=vs.group)
-    return out
-
-
-def _all_reduce_sum_(x: torch.Tensor, vs: VocabSlice) -> torch.Tensor:
-    if vs.world_size > 1:
-        dist.all_reduce(x, group=vs.group)
-    return x
 
 
 def _max_sumexp(z_bv: torch.Tensor, allowed_bv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,7 +101,7 @@ def _local_top_k(x_bv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 def _sample_top_k(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingParams,
-                  vs: VocabSlice) -> StepSample:
+                  vs: VocabShard) -> StepSample:
     b = x_bv.shape[0]
     k = 1 if params.greedy else params.top_k
     k_local = min(k, vs.num_valid)
@@ -148,7 +112,7 @@ def _sample_top_k(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingPara
         pack_bp[:, :k_local] = vals_bk
         pack_bp[:, k: k + k_local] = (cols_bk + vs.start).double()
     pack_bp[:, 2 * k], pack_bp[:, 2 * k + 1] = _max_sumexp(x_bv)
-    gathered_rbp = _all_gather(pack_bp, vs)  # the one collective of this path
+    gathered_rbp = gather_ranks(pack_bp, vs)  # the one collective of this path
     lse_b = _combine_lse(gathered_rbp[:, :, 2 * k], gathered_rbp[:, :, 2 * k + 1])
     vals_bc = gathered_rbp[:, :, :k].permute(1, 0, 2).reshape(b, -1)
     ids_bc = gathered_rbp[:, :, k: 2 * k].permute(1, 0, 2).reshape(b, -1)
@@ -175,7 +139,7 @@ def _sample_top_k(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingPara
 # full-vocabulary path (top_k = 0)
 
 
-def _top_p_threshold_bits(p_bv: torch.Tensor, top_p: float, vs: VocabSlice) -> torch.Tensor:
+def _top_p_threshold_bits(p_bv: torch.Tensor, top_p: float, vs: VocabShard) -> torch.Tensor:
     """int64 [b]: the smallest fp32 bit pattern t with sum_{bits(p_u) > t} p_u < top_p, over the
     global vocabulary. Keeping tokens with bits(p_v) >= t keeps exactly the nucleus.
 
@@ -190,7 +154,7 @@ def _top_p_threshold_bits(p_bv: torch.Tensor, top_p: float, vs: VocabSlice) -> t
     while bool((hi_b - lo_b > 1).any()):  # the same on every rank: the masses are all-reduced
         mid_b = (lo_b + hi_b) // 2
         first_above_b1 = torch.searchsorted(bits_bv, mid_b[:, None], right=True)
-        mass_b = _all_reduce_sum_(suffix_bv.gather(1, first_above_b1)[:, 0], vs)
+        mass_b = all_reduce_sum_(suffix_bv.gather(1, first_above_b1)[:, 0], vs)
         below_b = mass_b < top_p
         hi_b = torch.where(below_b, mid_b, hi_b)
         lo_b = torch.where(below_b, lo_b, mid_b)
@@ -198,13 +162,13 @@ def _top_p_threshold_bits(p_bv: torch.Tensor, top_p: float, vs: VocabSlice) -> t
 
 
 def _sample_full(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingParams,
-                 vs: VocabSlice) -> StepSample:
+                 vs: VocabShard) -> StepSample:
     b, v = x_bv.shape
     z_bv = x_bv / params.temperature
     allowed_bv = None
     if params.top_p < 1.0:
         m_b, s_b = _max_sumexp(z_bv)
-        stats_r2b = _all_gather(torch.stack([m_b, s_b]), vs)
+        stats_r2b = gather_ranks(torch.stack([m_b, s_b]), vs)
         lse_b = _combine_lse(stats_r2b[:, 0], stats_r2b[:, 1])
         p_bv = (z_bv - lse_b[:, None]).exp()
         allowed_bv = p_bv.float().view(torch.int32).long() >= _top_p_threshold_bits(p_bv, params.top_p, vs)[:, None]
@@ -222,7 +186,7 @@ def _sample_full(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingParam
         pack_b8[:, 3] = x_bv.gather(1, best_b1)[:, 0]
     pack_b8[:, 4], pack_b8[:, 5] = _max_sumexp(x_bv)
     pack_b8[:, 6], pack_b8[:, 7] = _max_sumexp(z_bv, allowed_bv)
-    gathered_rb8 = _all_gather(pack_b8, vs)
+    gathered_rb8 = gather_ranks(pack_b8, vs)
     score_rb, ids_rb = gathered_rb8[..., 0], gathered_rb8[..., 1]
     best_score_b = score_rb.amax(dim=0)
     # the owner of the best score; exact ties go to the lowest id

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from megatron_opsd.rollout import noise
-from megatron_opsd.rollout.sampler import sample_next, vocab_slice
+from megatron_opsd.losses.sharding import vocab_shard
+from megatron_opsd.rollout.sampler import sample_next
 from megatron_opsd.rollout.types import SampleKey, SamplingParams
 
 
@@ -84,7 +85,7 @@ def test_samples_lie_in_hf_allowed_set_with_hf_logprobs(params):
     gen = torch.Generator().manual_seed(1)
     logits = torch.randn(rows, padded, generator=gen) * 3
     logits[:, vocab:] = 50.0  # padding columns: never sampled even when they are the largest
-    sample = sample_next(logits, keys_for(rows), params, vocab_slice(padded, vocab, None))
+    sample = sample_next(logits, keys_for(rows), params, vocab_shard(padded, vocab, None))
     warped = hf_warped(logits[:, :vocab], params)
     ids = sample.token_ids
     assert (ids < vocab).all()
@@ -104,7 +105,7 @@ def test_sample_frequencies_match_the_warped_distribution(params):
     """Gumbel-max with our noise draws from softmax(warped scores): 40k rows with distinct keys."""
     vocab, rows = 30, 40_000
     logits = (torch.randn(1, vocab, generator=torch.Generator().manual_seed(2)) * 1.5).expand(rows, vocab)
-    ids = sample_next(logits, keys_for(rows, seed=5), params, vocab_slice(vocab, vocab, None)).token_ids
+    ids = sample_next(logits, keys_for(rows, seed=5), params, vocab_shard(vocab, vocab, None)).token_ids
     freq = torch.bincount(ids, minlength=vocab).double() / rows
     probs = torch.softmax(hf_warped(logits[:1], params)[0], dim=-1)
     # binomial std <= sqrt(0.25 / 40000) = 0.0025; 0.012 is ~5 std
@@ -117,7 +118,7 @@ def test_greedy_is_argmax_with_lowest_id_on_ties():
     logits = torch.tensor([[0.0, 3.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
                            [9.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 99.0, 99.0],
                            [1.0] * 12])
-    s = sample_next(logits, keys_for(3), SamplingParams(greedy=True), vocab_slice(12, vocab, None))
+    s = sample_next(logits, keys_for(3), SamplingParams(greedy=True), vocab_shard(12, vocab, None))
     assert s.token_ids.tolist() == [1, 0, 0]
     assert s.sampling_logprobs.tolist() == [0.0, 0.0, 0.0]
     torch.testing.assert_close(s.model_logprobs,
@@ -128,7 +129,7 @@ def test_top_k_ties_keep_exactly_k_lowest_ids():
     """Constant logits (e.g. a zero output layer): top-k keeps ids 0..k-1, uniformly."""
     rows, k = 4000, 4
     logits = torch.zeros(rows, 16)
-    s = sample_next(logits, keys_for(rows), SamplingParams(top_k=k), vocab_slice(16, 16, None))
+    s = sample_next(logits, keys_for(rows), SamplingParams(top_k=k), vocab_shard(16, 16, None))
     assert set(s.token_ids.tolist()) == set(range(k))
     torch.testing.assert_close(s.sampling_logprobs, torch.full((rows,), -math.log(k), dtype=torch.float64))
 

@@ -26,7 +26,8 @@ from megatron_opsd.models.provider import ModelBuildConfig
 from megatron_opsd.parallel import ParallelConfig, init_parallel
 from megatron_opsd.rollout import MegatronRolloutEngine, SampleKey, SamplingParams
 from megatron_opsd.rollout import noise
-from megatron_opsd.rollout.sampler import sample_next, vocab_slice
+from megatron_opsd.losses.sharding import vocab_shard
+from megatron_opsd.rollout.sampler import sample_next
 
 TOL = 1e-5
 MAX_NEW = 12
@@ -119,13 +120,13 @@ def check_sampler_layouts():
     logits[:, vocab:] = 30.0  # padding must never win
     keys = noise.row_keys(4, [SampleKey(1, i, 0) for i in range(rows)], 0, torch.device("cpu"))
     cases = [SamplingParams(greedy=True), *SAMPLED.values(), SamplingParams(top_k=5), SamplingParams()]
-    full = [sample_next(logits, keys, p, vocab_slice(padded, vocab, None)) for p in cases]
+    full = [sample_next(logits, keys, p, vocab_shard(padded, vocab, None)) for p in cases]
     for tp in (2, 4):
         runtime = init_parallel(ParallelConfig(tp=tp), seed=1)
         width = padded // tp
         shard = logits[:, runtime.tp_rank * width:(runtime.tp_rank + 1) * width]
         for p, ref in zip(cases, full):
-            got = sample_next(shard, keys, p, vocab_slice(width, vocab, runtime.tp_group))
+            got = sample_next(shard, keys, p, vocab_shard(width, vocab, runtime.tp_group))
             assert torch.equal(got.token_ids, ref.token_ids), f"sampler TP{tp} {p}: tokens differ"
             for a, b in ((got.sampling_logprobs, ref.sampling_logprobs), (got.model_logprobs, ref.model_logprobs)):
                 torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
