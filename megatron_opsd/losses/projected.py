@@ -78,6 +78,12 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
     ``token_weights``: ``[n]`` (the loss mask). Returns the scalar loss and the detached fp32
     per-token losses ``[n]``. Gradients are computed only when grad mode is on and ``hidden_s`` or
     ``weight_s`` requires grad.
+
+    Collectives per call: none of its own; ``token_loss``'s forward ones once per chunk of
+    ``projection_rows`` tokens (all ranks of the TP group walk the same chunks); backward none.
+    dtypes: the matmuls run in the weight's dtype, ``dW`` accumulates in fp32 and is returned in the
+    weight's dtype. Memory while running: one ``[2c, V/TP]`` logits buffer (``[c, V/TP]`` without a
+    teacher), ``token_loss``'s gradient ``[c, V/TP]`` and workspace, the fp32 ``[V/TP, H]`` accumulator.
     """
     if hidden_s.dim() != 2 or weight_s.dim() != 2 or hidden_s.shape[1] != weight_s.shape[1]:
         raise ValueError(f"hidden {tuple(hidden_s.shape)} and weight {tuple(weight_s.shape)}: expected "

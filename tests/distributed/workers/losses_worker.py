@@ -9,7 +9,9 @@ gradient against the reference.
 Cases: forward KL, reverse KL, JSD(0.5), JSD(0.2) x clip {None, 0.05} x temperature {1, 1.7} x
 vocab_size {96 (no padding), 90 (last rank partly padding), 70 (at TP=4 the last rank is all padding)},
 chunked and not; top-k (k = 1, 5, 30; 30 > V/TP at TP=4) with and without the tail bucket; token log-probs;
-entropy; bf16 inputs; the identical-distributions property.
+entropy; bf16 inputs; the identical-distributions property; the fused projection + loss
+(``losses.projected``: forward KL with clip, JSD, top-k with tail; live teacher sharing W and a
+separate teacher W; chunked and not) against fp64 projection onto the whole vocabulary.
 
 Tolerances as in tests/unit/test_losses.py (fp32 kernel vs fp64 reference: values 5e-6 absolute +
 5e-6 relative, gradient entries 2e-6 absolute + 1e-4 relative): the sharded sums add partial sums in a
@@ -36,6 +38,7 @@ from megatron_opsd.losses import (  # noqa: E402
     vocab_parallel_token_logprobs,
     vocab_parallel_topk_divergence,
 )
+from megatron_opsd.losses.projected import projected_token_loss  # noqa: E402
 
 VALUE_TOL = dict(rtol=5e-6, atol=5e-6)
 GRAD_TOL = dict(rtol=1e-4, atol=2e-6)
@@ -71,6 +74,41 @@ class Checker:
         self.count += 1
 
 
+    def compare_projected(self, what: str, ours_fn, ref_fn, vocab_size: int, *, live: bool, chunk_tokens: int | None,
+                          hidden: int = 8, **kwargs) -> None:
+        """The fused projection (``losses.projected``): this rank projects onto its vocabulary rows of W
+        inside the loss; the reference projects onto the whole W in fp64. The loss must match, the
+        hidden-state gradient after the TP all-reduce the caller's copy region does, and this rank's
+        rows of the weight gradient."""
+        gen = torch.Generator().manual_seed(self.seed + vocab_size + 7)
+        n = 11
+        h_s = torch.randn(n, hidden, generator=gen, dtype=torch.float64)
+        h_t = h_s + 0.5 * torch.randn(n, hidden, generator=gen, dtype=torch.float64)
+        w_s = torch.randn(ref.PADDED_VOCAB, hidden, generator=gen, dtype=torch.float64)
+        w_t = w_s if live else w_s + 0.3 * torch.randn(w_s.shape, generator=gen, dtype=torch.float64)
+        mask = (torch.rand(n, generator=gen) > 0.2).double()
+        leaves = [h_s.clone().requires_grad_(), w_s.clone().requires_grad_()]
+        ref_loss = (ref_fn(leaves[0] @ leaves[1].t(), h_t @ w_t.t(), vocab_size=vocab_size, **kwargs) * mask).sum()
+        ref_gh, ref_gw = torch.autograd.grad(ref_loss, leaves)
+
+        rows = slice(self.rank * self.width, (self.rank + 1) * self.width)
+        h = h_s.float().requires_grad_()
+        w = w_s[rows].float().requires_grad_()
+        w_teacher = w if live else w_t[rows].float()
+        loss, _ = projected_token_loss(
+            h, w, h_t.float(), w_teacher,
+            lambda s, t, r: ours_fn(s, t, vocab_size=vocab_size, tp_group=self.group, **kwargs),
+            mask.float(), chunk_tokens=chunk_tokens)
+        loss.backward()
+        grad_h = h.grad.clone()
+        dist.all_reduce(grad_h, group=self.group)
+        where = f"[tp={self.tp} rank={self.rank}] projected {what} live={live} chunk={chunk_tokens} {kwargs}"
+        torch.testing.assert_close(loss.double(), ref_loss.detach(), **VALUE_TOL, msg=lambda m: f"value {where}: {m}")
+        torch.testing.assert_close(grad_h.double(), ref_gh, **GRAD_TOL, msg=lambda m: f"dh {where}: {m}")
+        torch.testing.assert_close(w.grad.double(), ref_gw[rows], **GRAD_TOL, msg=lambda m: f"dW {where}: {m}")
+        self.count += 1
+
+
 def run_cases(check: Checker) -> None:
     for vocab_size in (96, 90, 70):
         student, teacher, weights = ref.make_logits(check.seed + vocab_size, vocab_size=vocab_size)
@@ -90,6 +128,15 @@ def run_cases(check: Checker) -> None:
                           ids, temperature=temperature, vocab_size=vocab_size, chunk_size=2)
             check.compare("entropy", vocab_parallel_entropy, ref.entropy, student, weights,
                           temperature=temperature, vocab_size=vocab_size)
+
+        for live, chunk_tokens in ((True, 3), (False, None)):
+            check.compare_projected("forward_kl", vocab_parallel_divergence, ref.divergence, vocab_size, live=live,
+                                    chunk_tokens=chunk_tokens, divergence="forward_kl", clip=0.05,
+                                    temperature=1.3)
+            check.compare_projected("jsd", vocab_parallel_divergence, ref.divergence, vocab_size, live=live,
+                                    chunk_tokens=chunk_tokens, divergence="jsd", beta=0.3)
+        check.compare_projected("topk tail", vocab_parallel_topk_divergence, ref.topk_divergence, vocab_size,
+                                live=True, chunk_tokens=4, k=5, tail=True)
 
         check.compare("divergence bf16", vocab_parallel_divergence, ref.divergence, student.bfloat16(), weights,
                       teacher.bfloat16(), divergence="jsd", beta=0.3, clip=0.05, temperature=1.1,
