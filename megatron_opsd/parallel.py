@@ -127,10 +127,29 @@ class ParallelRuntime:
         return dist.get_global_rank(self.pp_group, self.pp - 1)
 
     def destroy(self) -> None:
-        """Tear down megatron's model-parallel state (torch.distributed stays up)."""
+        """Tear down megatron's model-parallel state and its process groups (the default group stays).
+
+        megatron-core's ``destroy_model_parallel`` only forgets its groups; without destroying them
+        each re-initialisation would leave every group's communicator (gloo: its threads) behind.
+        """
         from megatron.core import parallel_state
 
+        groups = _megatron_groups(parallel_state)
         parallel_state.destroy_model_parallel()
+        registered = dist.distributed_c10d._world.pg_map  # torch's registry of live groups
+        for group in groups:
+            if group in registered:  # (destroying one group can retire others that share its backend)
+                dist.destroy_process_group(group)
+
+
+def _megatron_groups(parallel_state) -> list[dist.ProcessGroup]:
+    """The distinct process groups megatron's parallel state holds (module globals, also in lists)."""
+    found: dict[int, dist.ProcessGroup] = {}
+    for value in vars(parallel_state).values():
+        for item in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(item, dist.ProcessGroup) and item is not dist.GroupMember.WORLD:
+                found[id(item)] = item
+    return list(found.values())
 
 
 def _init_process_group(timeout_minutes: int) -> None:
