@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -136,6 +137,10 @@ class ParallelRuntime:
 
         groups = _megatron_groups(parallel_state)
         parallel_state.destroy_model_parallel()
+        if sys.exc_info()[0] is not None:
+            # called while an exception propagates (a `finally`): a peer may still be inside a
+            # collective, and destroying an NCCL group waits for its pending work; leave them
+            return
         registered = dist.distributed_c10d._world.pg_map  # torch's registry of live groups
         for group in groups:
             if group in registered:  # (destroying one group can retire others that share its backend)

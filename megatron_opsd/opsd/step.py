@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -73,7 +74,9 @@ class ResponseProjection:
                 raise ValueError("sequence parallelism is not supported by the OPSD step yet: the output "
                                  "layer's input is sequence-sharded; set parallel.sequence_parallel=false")
             output_layer.register_forward_pre_hook(self._select, with_kwargs=True)
-            self._layer_forward = output_layer.forward
+            # a weak reference: the layer holds this object (its forward), so a strong one back would
+            # make a cycle and keep a dropped model's weights alive until the cyclic GC runs
+            self._layer = weakref.ref(output_layer)
             self._tp_group = output_layer.tp_group
             output_layer.forward = self._forward
 
@@ -85,9 +88,9 @@ class ResponseProjection:
         return (selected_rbh, *args[1:]), kwargs
 
     def _forward(self, input_, weight=None, runtime_gather_output=None):
+        layer = self._layer()
         if not (self.deferred and self.index is not None):
-            return self._layer_forward(input_, weight=weight, runtime_gather_output=runtime_gather_output)
-        layer = self._layer_forward.__self__
+            return type(layer).forward(layer, input_, weight=weight, runtime_gather_output=runtime_gather_output)
         self.weight = layer.weight if weight is None else weight
         return _ReduceGradOverTP.apply(input_, self._tp_group), None
 
@@ -309,9 +312,12 @@ def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
     both = torch.cat([sums, present, torch.tensor([float(bad)], dtype=torch.float64)])
     if runtime.pp > 1:  # metrics exist on the last stage only
         dist.broadcast(both, src=runtime.last_stage_global_rank, group=runtime.pp_group)
-    sums, present, bad = both.split([len(METRIC_KEYS), len(METRIC_KEYS), 1])
+    sums, flags = both.split([len(METRIC_KEYS), len(METRIC_KEYS) + 1])
     dist.all_reduce(sums, group=runtime.dp_group)
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=runtime.dp_group)
+    # a metric reported by any DP rank is reported (a rank whose micro-batches hold no response token
+    # has no per-chunk metrics in the fused path)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.dp_group)
+    present, bad = flags.split([len(METRIC_KEYS), 1])
     if bad.item():
         raise NonFiniteError(f"non-finite loss in micro-batch {int(bad.item()) - 1} (of some data-parallel "
                              "rank): the step was not applied")
