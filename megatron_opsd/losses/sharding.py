@@ -57,15 +57,13 @@ def chunk_rows(chunk_size: int | None, shard: VocabShard, device: torch.device) 
 
 
 def rows_within_budget(chunk_size: int | None, num_columns: int, device: torch.device,
-                       budgets: dict[str, int], align: int = 1) -> int:
-    """``chunk_size`` if given (validated), else ``budgets[device kind] // num_columns`` rows, rounded
-    to a multiple of ``align`` when that many fit."""
+                       budgets: dict[str, int]) -> int:
+    """``chunk_size`` if given (validated), else ``budgets[device kind] // num_columns`` rows."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size={chunk_size} must be a positive number of tokens (or None)")
         return chunk_size
-    rows = max(1, budgets["cuda" if device.type == "cuda" else "cpu"] // num_columns)
-    return align * round(rows / align) if rows > align else rows
+    return max(1, budgets["cuda" if device.type == "cuda" else "cpu"] // num_columns)
 
 
 def row_chunks(num_rows: int, rows_per_chunk: int) -> Iterator[slice]:

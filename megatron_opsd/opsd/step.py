@@ -235,7 +235,7 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
             sums[key] = sums[key] + value if key in sums else value
 
     loss_sum, _ = projected_token_loss(
-        hidden_s, student_weight, hidden_t, teacher_weight if hidden_t is not None else None, token_loss,
+        hidden_s, student_weight, hidden_t, teacher_weight, token_loss,
         weights_n, chunk_tokens=ctx.loss.projection_chunk,
         on_chunk=add_metrics if ctx.detailed_metrics else None)
     return _loss_output(index, batch, loss_sum, sums)

@@ -11,12 +11,14 @@ usage: torchrun --nproc_per_node=4 opsd_step.py
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from common import rank_print, tiny_llama, unsharded_params
 from megatron_opsd.data.batch import collate_pairs
@@ -56,7 +58,7 @@ def micro_batches(pairs, runtime, num_microbatches):
 
 
 def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_microbatches=4,
-             teacher_mode="live", recompute="none"):
+             teacher_mode="live", recompute="none", empty_dp_rank=None):
     one_step.calls += 1
     runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp), seed=5)
     chunks = build_model(model_cfg, runtime, ModelBuildConfig(recompute=recompute))
@@ -72,8 +74,10 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_micr
     ctx = StepContext(runtime=runtime, loss=loss_cfg, temperature=1.1, vocab_size=model_cfg.vocab_size,
                       teacher=teacher)
     before = [p.detach().clone() for c in teacher.chunks for p in c.parameters()]
-    metrics = train_step(ctx, ddp, optimizer, micro_batches(pairs, runtime, num_microbatches), pad_id=PAD,
-                         clip_grad=1.0)
+    batches = micro_batches(pairs, runtime, num_microbatches)
+    if runtime.dp_rank == empty_dp_rank:  # this rank's micro-batches hold no response token
+        batches = [dataclasses.replace(b, loss_mask=torch.zeros_like(b.loss_mask)) for b in batches]
+    metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
     after = [p.detach() for c in teacher.chunks for p in c.parameters()]
     moved = any(not torch.equal(a, b) for a, b in zip(before, after))
     for chunk in teacher.chunks:
@@ -129,6 +133,9 @@ def reference(path: str) -> None:
         assert ok, (single, ref)
         assert same, (whole, ref)
         out[name] = ref
+    # the DP check below masks out DP rank 0's two pairs: the same as training on the other six
+    out["without the first two pairs"], _ = one_step(model_cfg, full, pairs[2:], LossConfig(**LOSS_CONFIGS[
+        "forward_kl clip"]), num_microbatches=2)
     with open(path, "w") as f:
         json.dump(out, f)
     print("opsd_step reference: done")
@@ -167,12 +174,33 @@ def layouts(path: str) -> None:
                        teacher_mode="initial")
     ref = refs["forward_kl clip"]
     assert close(init["loss"], ref["loss"]) and close(init["grad_norm"], ref["grad_norm"]), (init, ref)
+    # A DP rank whose micro-batches hold no response token: the step equals training on the other
+    # ranks' pairs, and every rank reports the same metrics (the fused path has no per-chunk metrics
+    # on that rank; their presence is reduced over DP)
+    got, _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), num_microbatches=1,
+                      empty_dp_rank=0)
+    ref = refs["without the first two pairs"]
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, sorted(got))
+    assert all(k == keys[0] for k in keys) and "entropy_student" in keys[0] and "divergence" in keys[0], keys
+    assert close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"]), (got, ref)
+    assert close(got["divergence"], ref["divergence"]) and got["response_tokens"] == ref["response_tokens"]
+    rank_print(f"DP4, rank 0 without response tokens: loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} ok")
+
     # ParallelRuntime.destroy must release megatron's process groups: each init/destroy cycle used to
     # leave ~50 gloo threads behind per process; now ~3 (measured), once the models are collected
     gc.collect()
     grown, cycles = os_threads() - threads_before, one_step.calls
     assert grown < 15 * cycles, f"{grown} more OS threads after {cycles} parallel-state cycles: groups leak"
     rank_print(f"OS threads after {cycles} parallel-state cycles: {grown:+d}")
+    # ...except while an exception propagates (a `finally` on a failing rank: peers may be mid-collective
+    # and an NCCL destroy would wait for them): then the groups are left alone
+    runtime = init_parallel(ParallelConfig(tp=2), seed=5)
+    try:
+        raise RuntimeError("a failing rank")
+    except RuntimeError:
+        runtime.destroy()
+    assert runtime.tp_group in dist.distributed_c10d._world.pg_map, "groups destroyed during an exception"
     rank_print("opsd_step: all checks passed")
 
 
