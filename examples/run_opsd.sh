@@ -17,7 +17,8 @@ NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 MASTER_PORT=${MASTER_PORT:-29500}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-export PYTHONWARNINGS=${PYTHONWARNINGS:-ignore}
+# megatron-core: TP communication overlap and sequence parallelism need one hardware queue per GPU.
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
 exec python -m torch.distributed.run \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \

@@ -104,19 +104,70 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: 
                strict: str = "raise_all") -> None:
     """Load model weights saved by ``save_model`` (or, with ``strict="assume_ok_unexpected"``, the model
     part of a training checkpoint) into ``chunks``."""
-    from megatron.core import dist_checkpointing
-
     directory = Path(directory)
     if not directory.is_dir():
         raise FileNotFoundError(f"checkpoint directory {directory} does not exist")
     sharded = model_sharded_state_dict(chunks)
     if prefix:
         sharded = {prefix: sharded}
-    state = dist_checkpointing.load(sharded, str(directory), strict=strict)
+    state = load_sharded(sharded, directory, allow_unrequested=strict != "raise_all")
     if prefix:
         state = state[prefix]
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
-        _unwrap(chunk).load_state_dict(state[key], strict=True)
+        load_module_state(_unwrap(chunk), state[key])
+
+
+# Transformer Engine modules (its norms; its linears under FP8) carry ``_extra_state`` entries that a
+# checkpoint written with the local spec (or on a machine without TE) lacks, and a TE-written
+# checkpoint holds entries a local-spec model does not ask for. Neither holds weights: a missing one
+# keeps the module's fresh state, an unrequested one is not read.
+EXTRA_STATE = "_extra_state"
+
+
+def _is_extra_state(key) -> bool:
+    key = key[0] if isinstance(key, tuple) else key  # megatron reports (key, offsets, fragment) ids
+    return key.endswith(EXTRA_STATE)
+
+
+def load_sharded(sharded: dict, directory: str | Path, *, allow_unrequested: bool) -> dict:
+    """``dist_checkpointing.load`` that tolerates ``_extra_state`` entries on either side.
+
+    Every other tensor the model asks for must be stored (else ``CheckpointError`` naming the keys); with
+    ``allow_unrequested=False`` every stored tensor must also be asked for (a converted model for
+    exactly this architecture), otherwise other stored state (optimizer, teacher) is not read.
+    (megatron-core's names are from the checkpoint's side: "unexpected" = asked for but not stored,
+    "missing" = stored but not asked for.)
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    state, stored_not_asked, asked_not_stored = dist_checkpointing.load(
+        sharded, str(directory), strict=StrictHandling.RETURN_ALL)
+    absent = sorted({_key_name(k) for k in asked_not_stored if not _is_extra_state(k)})
+    if absent:
+        raise CheckpointError(f"{directory}: the checkpoint lacks {len(absent)} tensor(s) this model needs, "
+                              f"e.g. {absent[:4]}: is it a checkpoint of another model?")
+    extra = sorted({_key_name(k) for k in stored_not_asked if not _is_extra_state(k)})
+    if extra and not allow_unrequested:
+        raise CheckpointError(f"{directory}: the checkpoint holds {len(extra)} tensor(s) this model does not "
+                              f"have, e.g. {extra[:4]}: is it a checkpoint of another model?")
+    return state
+
+
+def _key_name(key) -> str:
+    return key[0] if isinstance(key, tuple) else key
+
+
+def load_module_state(module: torch.nn.Module, state: dict) -> None:
+    """``load_state_dict`` that lets a module keep its own ``_extra_state`` when the checkpoint had none."""
+    result = module.load_state_dict(state, strict=False)
+    problems = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)] + list(result.unexpected_keys)
+    if problems:
+        raise CheckpointError(f"state does not match the model: {problems[:4]}")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model (named keys / files)."""
 
 
 # ---- training checkpoints ---------------------------------------------------------------------
@@ -245,15 +296,14 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     same_layout = list(common["layout"]) == [runtime.tp, runtime.pp, runtime.dp]
     state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=True, with_rng=same_layout,
                             optimizer_format=common["optimizer_format"])
-    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    loaded = load_sharded(state, path, allow_unrequested=True)
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        load_module_state(_unwrap(chunk), loaded[key])
     if optimizer is not None:
         _load_optimizer(optimizer, loaded["optimizer"])
     if teacher_chunks:
         for key, chunk in zip(_chunk_keys(len(teacher_chunks)), teacher_chunks):
-            _unwrap(chunk).load_state_dict(
-                {k.removeprefix("teacher."): v for k, v in loaded["teacher"][key].items()}, strict=True)
+            load_module_state(_unwrap(chunk), {k.removeprefix("teacher."): v for k, v in loaded["teacher"][key].items()})
     if same_layout and "rng" in loaded:
         rng = loaded["rng"]
         torch.set_rng_state(rng["torch"])

@@ -70,7 +70,7 @@ class _CpuEvent:
         return (end._time - self._time) * 1000.0
 
 
-def _check_version() -> None:
+def check_version() -> None:
     from importlib.metadata import version
 
     found = version("megatron-core")
@@ -122,7 +122,7 @@ def apply() -> bool:
         return True
     if torch.cuda.is_available():
         return False
-    _check_version()
+    check_version()
     # Why: megatron calls these unconditionally; on a CPU build they raise "not compiled with CUDA".
     torch.cuda.current_device = lambda: 0  # an index; the mode below maps it to CPU
     torch.cuda.synchronize = lambda *a, **k: None  # p2p batching, checkpoint save

@@ -30,6 +30,9 @@ class OptimConfig:
     clip_grad: float = doc("Global gradient-norm clip (the paper uses 0.1); 0 disables.", default=0.1)
     warmup_steps: int = doc("Linear warmup steps.", default=0)
     decay_style: Literal["cosine", "constant", "linear"] = doc("LR decay after warmup.", default="cosine")
+    initial_loss_scale: float = doc(
+        "fp16 only: the dynamic loss scale to start from (halved after overflowing steps, which are "
+        "skipped; doubled after 1000 clean ones).", default=2.0 ** 16)
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -40,6 +43,8 @@ class OptimConfig:
             raise ValueError(f"optim.clip_grad={self.clip_grad} must be >= 0 (0 disables clipping)")
         if self.warmup_steps < 0:
             raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.initial_loss_scale < 1:
+            raise ValueError(f"optim.initial_loss_scale={self.initial_loss_scale} must be >= 1")
 
 
 def wrap_ddp(chunks: list[torch.nn.Module], runtime: ParallelRuntime, *,
@@ -84,6 +89,7 @@ def build_optimizer(ddp_chunks: list[torch.nn.Module], runtime: ParallelRuntime,
         bf16=model_config.bf16,
         fp16=model_config.fp16,
         params_dtype=model_config.params_dtype,
+        initial_loss_scale=optim.initial_loss_scale,  # fp16: megatron's dynamic scaler (unused otherwise)
         use_distributed_optimizer=runtime.config.use_distributed_optimizer,
     )
     return get_megatron_optimizer(config, ddp_chunks, pg_collection=runtime.pg_collection,
@@ -110,6 +116,7 @@ def forward_backward(
     seq_length: int,
     micro_batch_size: int,
     forward_only: bool = False,
+    grad_scale_func: Callable | None = None,
 ) -> list:
     """Run megatron-core's schedule (no pipelining, 1F1B, or interleaved 1F1B by layout).
 
@@ -120,13 +127,16 @@ def forward_backward(
     Pipeline messages: without interleaving shapes are exchanged per message (micro-batches may
     differ in length and ``seq_length`` is unused); with interleaving (VPP) every micro-batch must
     be ``seq_length`` long (see ``models.provider.transformer_config``).
+    ``grad_scale_func``: the optimizer's ``scale_loss`` (fp16 loss scaling: the schedule multiplies
+    each micro-batch's loss by the scale before backward, the optimizer divides it out of the
+    gradients). Without it under fp16, megatron's optimizer would still divide by its scale.
     """
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     config = ddp_chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
-    config.grad_scale_func = None
+    config.grad_scale_func = grad_scale_func
     # As Megatron-LM: gradients are reduced once per step (or per chunk when overlapping), not per
     # micro-batch.
     no_sync = [c.no_sync for c in ddp_chunks]

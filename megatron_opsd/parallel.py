@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime
 import os
 import random
+import re
 import sys
 from dataclasses import dataclass
 
@@ -84,8 +85,8 @@ class ParallelRuntime:
     dp_group: dist.ProcessGroup
     mp_group: dist.ProcessGroup
     embd_group: dist.ProcessGroup | None
-    dp_gloo_group: dist.ProcessGroup | None
     pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+    seed: int = 1234
 
     @property
     def tp(self) -> int:
@@ -157,17 +158,57 @@ def _megatron_groups(parallel_state) -> list[dist.ProcessGroup]:
     return list(found.values())
 
 
+# Every process group carries gloo for CPU tensors and NCCL for CUDA tensors: small bookkeeping
+# reductions (metric sums, stop flags, evaluation totals) may be made of CPU tensors, and a plain
+# "nccl" group raises "No backend type associated with device type cpu" on them. megatron-core's
+# groups inherit the default group's backends.
+CUDA_BACKEND = "cpu:gloo,cuda:nccl"
+
+
+def process_group_backend(cuda: bool) -> str:
+    return CUDA_BACKEND if cuda else "gloo"
+
+
+def launcher_environment(env: dict) -> dict:
+    """RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* for torch.distributed, from how the process was launched.
+
+    torchrun sets RANK itself. ``srun python -m ...`` sets only SLURM's variables: without reading
+    them every task would think it is alone, and N tasks would train N independent copies writing one
+    checkpoint directory. A plain ``python`` (also inside an sbatch script, where SLURM_PROCID is set
+    but no job step is running) is a world of one.
+    """
+    if "RANK" in env:
+        return {}
+    if "SLURM_STEP_ID" in env and "SLURM_PROCID" in env:  # a task of an srun job step
+        tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+        nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+        out = {"RANK": env["SLURM_PROCID"], "WORLD_SIZE": tasks, "LOCAL_RANK": env.get("SLURM_LOCALID", "0")}
+        if "MASTER_ADDR" not in env:
+            out["MASTER_ADDR"] = first_slurm_host(nodes)
+        if "MASTER_PORT" not in env:  # the same on every task, different for concurrent jobs
+            out["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return out
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": env.get("MASTER_ADDR", "127.0.0.1"),
+            "MASTER_PORT": env.get("MASTER_PORT") or str(_free_port())}
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``."""
+    prefix, ranges = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist).groups()
+    return prefix if ranges is None else prefix + re.split("[,-]", ranges)[0]
+
+
 def _init_process_group(timeout_minutes: int) -> None:
     if dist.is_initialized():
         return
-    if "RANK" not in os.environ:  # a plain `python script.py`: a world of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if torch.cuda.is_available():
+    os.environ.update(launcher_environment(dict(os.environ)))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        # megatron-core orders TP communication and compute on one hardware queue (sequence
+        # parallelism, TP overlap); it must be set before the CUDA context exists.
+        os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    dist.init_process_group(process_group_backend(cuda), timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 def _free_port() -> int:
@@ -192,6 +233,7 @@ def seed_everything(seed: int, tp_rank: int = 0) -> None:
 
 def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
     """Start (or reuse) torch.distributed and build megatron-core's parallel state for ``config``."""
+    cpu_compat.check_version()  # our work-arounds (CPU patches, checkpoint loading) are for this release
     cpu_compat.apply()
     _init_process_group(config.timeout_minutes)
     world_size = dist.get_world_size()
@@ -207,6 +249,9 @@ def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
         pipeline_model_parallel_size=config.pp,
         virtual_pipeline_model_parallel_size=config.vpp,
         distributed_timeout_minutes=config.timeout_minutes,
+        # Nothing here uses megatron's gloo groups (the optimizer is built without them); on a large
+        # cluster each would cost a gloo communicator per group per process.
+        create_gloo_process_groups=False,
     )
     runtime = ParallelRuntime(
         config=config,
@@ -220,8 +265,8 @@ def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
         dp_group=ps.get_data_parallel_group(),
         mp_group=ps.get_model_parallel_group(),
         embd_group=ps.get_embedding_group(check_initialized=False),
-        dp_gloo_group=ps.get_data_parallel_group_gloo() if torch.cuda.is_available() else None,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        seed=seed,
     )
     seed_everything(seed, tp_rank=runtime.tp_rank)
     return runtime

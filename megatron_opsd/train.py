@@ -121,7 +121,7 @@ class Trainer:
         metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
                              clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
         lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids)],
-                               dtype=torch.float64)
+                               dtype=torch.float64, device=self.runtime.device)
         dist.all_reduce(lengths, group=self.runtime.dp_group)
         metrics.update(response_length=(lengths[0] / lengths[1].clamp(min=1)).item(), rollout_s=rollout_s,
                        step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
@@ -143,7 +143,8 @@ class Trainer:
                                         [SampleKey(step=-1, prompt_id=i) for i, _ in kept])
         correct = sum(answers_match(extract_boxed(self.tokenizer.decode(ids)), problems[i].answer)
                       for (i, _), ids in zip(kept, rollout.response_ids))
-        totals = torch.tensor([correct, len(kept), sum(map(len, rollout.response_ids))], dtype=torch.float64)
+        totals = torch.tensor([correct, len(kept), sum(map(len, rollout.response_ids))], dtype=torch.float64,
+                              device=rt.device)
         dist.all_reduce(totals, group=rt.dp_group)
         metrics = {"accuracy": (totals[0] / totals[1].clamp(min=1)).item(), "problems": int(totals[1]),
                    "response_length": (totals[2] / totals[1].clamp(min=1)).item()}
@@ -195,8 +196,9 @@ class Trainer:
             return FrozenTeacher(teacher_chunks)
         if loss.teacher == "live":
             return Teacher(self.ddp)
-        frozen = FrozenTeacher.copy_of(self.ddp, self.cfg.model, rt, self.cfg.model_build)
-        return frozen if loss.teacher == "initial" else EMATeacher(frozen.chunks, loss.ema_decay)
+        if loss.teacher == "ema":
+            return EMATeacher.copy_of(self.ddp, self.cfg.model, rt, self.cfg.model_build, loss.ema_decay)
+        return FrozenTeacher.copy_of(self.ddp, self.cfg.model, rt, self.cfg.model_build)
 
     def _initial_weights(self) -> None:
         cfg = self.cfg
@@ -224,6 +226,8 @@ class Trainer:
         teacher = self.teacher.state_dict_to_save() if self.teacher is not None else None
         common = ckpt.load_training(path, chunks=self.ddp, optimizer=self.optimizer, teacher_chunks=teacher,
                                     runtime=self.runtime)
+        if self.teacher is not None:
+            self.teacher.after_load()
         self.step = int(common["step"])
         self.scheduler.load_state_dict(common["scheduler"])
         self.sampler.load_state_dict(common["sampler"])
@@ -232,7 +236,7 @@ class Trainer:
         self._stop_requested = True
 
     def _should_stop(self) -> bool:
-        flag = torch.tensor([float(self._stop_requested)])
+        flag = torch.tensor([float(self._stop_requested)], device=self.runtime.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 

@@ -145,19 +145,15 @@ def load_into(chunks: list[torch.nn.Module], megatron_dir: str | Path, prefix: s
     Through megatron-core's ``sharded_state_dict`` (resharding to the chunks' layout); other state in
     the checkpoint (optimizer, ...) is not read. Casts to the chunks' dtype.
     """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron_opsd.checkpoint import load_module_state, load_sharded
 
     if prefix is None:
         prefix, _ = checkpoint_model_info(megatron_dir)
     # ShardedTensor keys are global (layer offsets included), so the nesting of this dict is free.
     sharded = {f"chunk{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
-    state, missing, _unexpected = dist_checkpointing.load(sharded, str(megatron_dir),
-                                                          strict=StrictHandling.RETURN_ALL)
-    if missing:
-        raise ConversionError(f"the checkpoint lacks model tensor(s): {sorted(missing)[:8]}")
+    state = load_sharded(sharded, megatron_dir, allow_unrequested=True)
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict({k[len(prefix):]: v for k, v in state[f"chunk{i}"].items()}, strict=True)
+        load_module_state(chunk, {k[len(prefix):]: v for k, v in state[f"chunk{i}"].items()})
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:

@@ -50,8 +50,9 @@ def compare_logits(reference_blv: torch.Tensor, candidate_blv: torch.Tensor) -> 
 def causal_inputs(tokens_bl: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Position ids and megatron's explicit causal mask [B, 1, L, L] (True = masked out)."""
     b, s = tokens_bl.shape
-    position_ids = torch.arange(s).expand(b, s)
-    mask = torch.triu(torch.ones(s, s, dtype=torch.bool), diagonal=1)[None, None].expand(b, 1, s, s)
+    position_ids = torch.arange(s, device=tokens_bl.device).expand(b, s)
+    mask = torch.triu(torch.ones(s, s, dtype=torch.bool, device=tokens_bl.device), diagonal=1)
+    mask = mask[None, None].expand(b, 1, s, s)
     return position_ids, mask
 
 
@@ -67,6 +68,7 @@ def megatron_logits(chunks: list[torch.nn.Module], runtime, tokens_bl: torch.Ten
 
     from megatron_opsd import cpu_compat
 
+    tokens_bl = tokens_bl.to(runtime.device)  # the model's device (token ids are made on the CPU)
     num_sequences, seq_len = tokens_bl.shape
     if runtime.vpp is not None and num_sequences < runtime.pp:
         raise ValueError(f"an interleaved pipeline (vpp={runtime.vpp}) needs at least pp={runtime.pp} "
@@ -149,12 +151,12 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
         logits = megatron_logits(chunks, runtime, tokens_bl)
         # One rank (last stage, TP rank 0, first DP replica) computes the reference and the metrics.
         judge = runtime.is_last_stage and runtime.tp_rank == 0 and runtime.dp_rank == 0
-        result = torch.zeros(5, dtype=torch.float64)
-        if judge:
+        result = torch.zeros(5, dtype=torch.float64, device=runtime.device)
+        if judge:  # the HF reference runs on the CPU
             reference = hf_reference_logits(hf_dir, tokens_bl)
-            c = compare_logits(reference, logits[..., :cfg.vocab_size])
+            c = compare_logits(reference, logits[..., :cfg.vocab_size].cpu())
             result = torch.tensor([c.max_abs_diff, c.mean_kl, c.argmax_agreement, c.num_tokens, 1.0],
-                                  dtype=torch.float64)
+                                  dtype=torch.float64, device=runtime.device)
         dist.all_reduce(result)  # only the judge contributes
         assert result[4] == 1, "exactly one rank computes the comparison"
         comparison = Comparison(result[0].item(), result[1].item(), result[2].item(), int(result[3]))

@@ -6,6 +6,9 @@ local spec (torch ops). Fusions that need CUDA kernels are turned off on CPU.
 
 from __future__ import annotations
 
+import hashlib
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,11 +42,34 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def have_transformer_engine() -> bool:
+    """Whether megatron-core's TE layer spec can be built here: CUDA present and megatron-core's own
+    TE import succeeded (``HAVE_TE``). A TE that imports but that megatron-core cannot use (a version
+    skew) is reported, not used: the TE spec would raise NameError on ``TESpecProvider``."""
+    if not torch.cuda.is_available():
+        return False
     try:
-        import transformer_engine  # noqa: F401
+        import transformer_engine
     except Exception:
         return False
-    return torch.cuda.is_available()
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if not gpt_layer_specs.HAVE_TE:
+        from importlib.metadata import version
+
+        warnings.warn(f"Transformer Engine {getattr(transformer_engine, '__version__', '?')} is importable but "
+                      f"megatron-core {version('megatron-core')} cannot use it (its TE extension failed to "
+                      "import: a version mismatch); using the local layer spec", stacklevel=2)
+        return False
+    return True
+
+
+def have_fused_softmax_kernel() -> bool:
+    """megatron-core's fused masked softmax imports Apex's ``scaled_masked_softmax_cuda`` at call time,
+    only for some shapes (lengths in (16, 4096], multiples of 4): enabling the fusion without the
+    kernel fails intermittently, mid-run."""
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("scaled_masked_softmax_cuda") is not None
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -104,7 +130,7 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
         deallocate_pipeline_outputs=True,
         # CUDA-only fusions.
         bias_activation_fusion=on_gpu,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=have_fused_softmax_kernel(),
         apply_rope_fusion=False,
         bias_dropout_fusion=on_gpu,
         gradient_accumulation_fusion=False,
@@ -120,8 +146,8 @@ def layer_spec(model: ModelConfig, build: ModelBuildConfig):
         build.transformer_engine == "auto" and have_transformer_engine())
     if use_te:
         if not have_transformer_engine():
-            raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable "
-                             "or CUDA is absent: use auto or off")
+            raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable, "
+                             "CUDA is absent, or megatron-core cannot use the installed TE: use auto or off")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
 
@@ -171,4 +197,47 @@ def build_model(model: ModelConfig, runtime: ParallelRuntime,
         )
         chunk.to(runtime.device)
         chunks.append(chunk)
+    if build.init_weights:
+        init_random_weights(chunks, model, runtime, build.init_method_std)
     return chunks
+
+
+# The weights megatron-core initialises randomly (everything else is ones or zeros), and their std.
+_RANDOM_WEIGHTS = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight",
+                   "linear_proj.weight", "linear_fc2.weight")
+_SCALED_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")  # megatron: std / sqrt(2 * num_layers)
+
+
+@torch.no_grad()
+def init_random_weights(chunks: list[torch.nn.Module], model: ModelConfig, runtime: ParallelRuntime,
+                        std: float) -> None:
+    """Random initial weights that do not depend on the parallel layout.
+
+    megatron-core draws each rank's shard from its own generator state: the CUDA RNG tracker's seed
+    depends on the TP rank, and nothing offsets it by pipeline stage, so on GPUs every stage would
+    start with identical layers and no layout would reproduce another's start. Here each random
+    weight is drawn whole (unsharded, unpadded vocabulary) from a CPU generator seeded by (seed, global
+    parameter name), and this rank keeps its shard: the same code on CPU and GPU, and TP/PP/VPP runs
+    start from exactly the TP1/PP1 weights. Distributions are megatron-core's (normal(0, std), output
+    projections of each layer std / sqrt(2 * layers)); norms and biases keep their constant init.
+    """
+    from megatron_opsd.models.sharding import layer_offset_map, pad_vocab, shard, to_global_name, unshard
+
+    tp_rank, tp = runtime.tp_rank, runtime.tp
+    for chunk in chunks:
+        offsets = layer_offset_map(chunk)
+        for name, param in chunk.state_dict(keep_vars=True).items():
+            if not name.endswith(_RANDOM_WEIGHTS):
+                continue
+            key = to_global_name(name, offsets)
+            if key == "output_layer.weight" and model.tie_word_embeddings:
+                key = "embedding.word_embeddings.weight"  # PP > 1: the last stage's copy of the embedding
+            shape = list(unshard(key, [param.detach().to("meta")] * tp).shape)
+            if key.endswith(("word_embeddings.weight", "output_layer.weight")):
+                shape[0] = model.vocab_size  # padding rows stay zero, whatever TP pads to
+            digest = hashlib.sha256(f"{runtime.seed}:{key}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+            scale = std / math.sqrt(2 * model.num_hidden_layers) if key.endswith(_SCALED_WEIGHTS) else std
+            full = torch.empty(shape).normal_(0.0, scale, generator=generator)
+            full = pad_vocab(key, full, param.shape[0] * tp)
+            param.copy_(shard(key, full, tp_rank, tp))

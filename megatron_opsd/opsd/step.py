@@ -278,7 +278,7 @@ def pad_for_interleaving(batches: list[OPSDMicroBatch], pad_id: int) -> list[OPS
 
 
 def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: list[OPSDMicroBatch], *,
-                 pad_id: int, forward_only: bool = False) -> dict:
+                 pad_id: int, forward_only: bool = False, grad_scale_func=None) -> dict:
     """Forward (and backward) of this DP rank's micro-batches; returns globally reduced metrics."""
     runtime = ctx.runtime
     if runtime.vpp is not None:
@@ -291,7 +291,8 @@ def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: l
         stored = forward_backward(
             ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,
             num_microbatches=len(batches), seq_length=longest,
-            micro_batch_size=batches[0].loss_mask.shape[0], forward_only=forward_only)
+            micro_batch_size=batches[0].loss_mask.shape[0], forward_only=forward_only,
+            grad_scale_func=grad_scale_func)
     return reduce_metrics(stored, runtime)
 
 
@@ -301,7 +302,7 @@ METRIC_KEYS = ("loss_sum", "tokens", "entropy_student_sum", "entropy_teacher_sum
 
 def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
     """Sum the micro-batch metrics over micro-batches and DP ranks; share them with every stage."""
-    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
+    sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)  # filled on the CPU, reduced on the device
     present = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
     for item in stored:
         for i, key in enumerate(METRIC_KEYS):
@@ -309,7 +310,7 @@ def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
                 sums[i] += float(item[key])
                 present[i] = 1
     bad = max((int(item.get("nonfinite_microbatch", 0)) for item in stored), default=0)
-    both = torch.cat([sums, present, torch.tensor([float(bad)], dtype=torch.float64)])
+    both = torch.cat([sums, present, torch.tensor([float(bad)], dtype=torch.float64)]).to(runtime.device)
     if runtime.pp > 1:  # metrics exist on the last stage only
         dist.broadcast(both, src=runtime.last_stage_global_rank, group=runtime.pp_group)
     sums, flags = both.split([len(METRIC_KEYS), len(METRIC_KEYS) + 1])
@@ -338,12 +339,16 @@ def zero_grads(ddp_chunks: list[torch.nn.Module], optimizer) -> None:
         optimizer.zero_grad()
 
 
-def optimizer_step(optimizer, clip_grad: float, step: int) -> float:
+def optimizer_step(optimizer, clip_grad: float, step: int) -> float | None:
     """megatron-core optimizer step with a finite-gradient check before any update is applied.
 
-    Returns the global gradient norm before clipping.
+    Returns the global gradient norm before clipping, or None for a step skipped by fp16's dynamic
+    loss scaling (an overflow: megatron's scaler has already lowered the scale, as in Megatron-LM).
+    Non-finite gradients under bf16/fp32 (no scaler to blame) stop the run.
     """
-    found_inf = optimizer.prepare_grads()
+    found_inf = optimizer.prepare_grads()  # fp16: unscale, check for overflow, update the loss scale
+    if found_inf and _dynamic_loss_scaling(optimizer):
+        return None
     grad_norm = optimizer.get_grad_norm()
     if found_inf or not math.isfinite(grad_norm):
         raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) at step {step}: no update applied")
@@ -353,18 +358,30 @@ def optimizer_step(optimizer, clip_grad: float, step: int) -> float:
     return grad_norm
 
 
+def _dynamic_loss_scaling(optimizer) -> bool:
+    from megatron.core.optimizer.grad_scaler import DynamicGradScaler
+
+    return any(isinstance(getattr(opt, "grad_scaler", None), DynamicGradScaler)
+               for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
 def train_step(ctx: StepContext, ddp_chunks: list[torch.nn.Module], optimizer, batches: list[OPSDMicroBatch],
                *, pad_id: int, clip_grad: float, scheduler=None) -> dict:
     """One optimizer step on this DP rank's micro-batches; returns metrics (same on every rank)."""
     start = time.perf_counter()
     zero_grads(ddp_chunks, optimizer)
     try:
-        metrics = run_schedule(ctx, ddp_chunks, batches, pad_id=pad_id)
+        metrics = run_schedule(ctx, ddp_chunks, batches, pad_id=pad_id, grad_scale_func=optimizer.scale_loss)
     except NonFiniteError as exc:
         raise NonFiniteError(f"step {ctx.step}: {exc}") from None
-    metrics["grad_norm"] = optimizer_step(optimizer, clip_grad, ctx.step)
-    if ctx.teacher is not None:
-        ctx.teacher.after_optimizer_step(ddp_chunks)
+    grad_norm = optimizer_step(optimizer, clip_grad, ctx.step)
+    metrics["skipped_step"] = float(grad_norm is None)
+    if ddp_chunks[0].config.fp16:
+        metrics["loss_scale"] = float(optimizer.get_loss_scale())
+    if grad_norm is not None:
+        metrics["grad_norm"] = grad_norm
+        if ctx.teacher is not None:
+            ctx.teacher.after_optimizer_step(ddp_chunks)
     if scheduler is not None:
         scheduler.step(increment=1)
         metrics["lr"] = optimizer.param_groups[0]["lr"]

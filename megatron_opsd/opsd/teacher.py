@@ -6,6 +6,8 @@ Copies are never wrapped in DDP, never handed to the optimizer and never require
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from megatron_opsd.models.description import ModelConfig
@@ -31,6 +33,9 @@ class Teacher:
     def state_dict_to_save(self) -> list[torch.nn.Module] | None:
         """Chunks whose weights a training checkpoint must store (None: derivable from the student)."""
         return None
+
+    def after_load(self) -> None:
+        """Called after a checkpoint restored ``state_dict_to_save()``'s chunks."""
 
 
 class FrozenTeacher(Teacher):
@@ -58,19 +63,53 @@ class FrozenTeacher(Teacher):
 
 
 class EMATeacher(FrozenTeacher):
-    """theta_T <- decay * theta_T + (1 - decay) * theta_S after each optimizer step."""
+    """theta_T <- decay * theta_T + (1 - decay) * theta_S after each optimizer step.
+
+    The average is kept in fp32 (``shadow``): in bf16, a step of (1 - decay) * (theta_S - theta_T)
+    with decay 0.999 is below half an ulp of almost every weight and ``lerp_`` would round it away,
+    leaving the teacher at its initial weights forever. The fp32 shadow is what checkpoints store;
+    the teacher's own (bf16/fp16) weights are its rounding. In fp32 the teacher is its own shadow.
+    """
 
     name = "ema"
 
-    def __init__(self, chunks: list[torch.nn.Module], decay: float):
+    def __init__(self, chunks: list[torch.nn.Module], decay: float,
+                 shadow: list[torch.nn.Module] | None = None):
         super().__init__(chunks)
         self.decay = decay
+        self.shadow = [unwrap(c) for c in shadow] if shadow is not None else self.chunks
+        for chunk in self.shadow:
+            for param in chunk.parameters():
+                param.requires_grad_(False)
+
+    @classmethod
+    def copy_of(cls, student_chunks: list[torch.nn.Module], model: ModelConfig, runtime: ParallelRuntime,
+                build: ModelBuildConfig, decay: float = 0.999) -> "EMATeacher":
+        teacher = FrozenTeacher.copy_of(student_chunks, model, runtime, build).chunks
+        shadow = None
+        if build.dtype != "fp32":
+            shadow = build_model(model, runtime, dataclasses.replace(build, dtype="fp32", init_weights=False))
+            for copy, student in zip(shadow, student_chunks):
+                copy.load_state_dict(unwrap(student).state_dict(), strict=True)  # cast to fp32
+        return cls(teacher, decay, shadow)
 
     @torch.no_grad()
     def after_optimizer_step(self, student_chunks: list[torch.nn.Module]) -> None:
-        for teacher, student in zip(self.chunks, student_chunks):
-            for t, s in zip(teacher.parameters(), unwrap(student).parameters()):
-                t.lerp_(s.detach().to(t.dtype), 1.0 - self.decay)
+        for teacher, shadow, student in zip(self.chunks, self.shadow, student_chunks):
+            for t, m, s in zip(teacher.parameters(), shadow.parameters(), unwrap(student).parameters()):
+                m.lerp_(s.detach().to(m.dtype), 1.0 - self.decay)
+                if t is not m:
+                    t.copy_(m)
+
+    def state_dict_to_save(self) -> list[torch.nn.Module] | None:
+        return self.shadow
+
+    @torch.no_grad()
+    def after_load(self) -> None:
+        for teacher, shadow in zip(self.chunks, self.shadow):
+            if teacher is not shadow:
+                for t, m in zip(teacher.parameters(), shadow.parameters()):
+                    t.copy_(m)
 
 
 def check_teacher_isolated(teacher: Teacher, student_chunks: list[torch.nn.Module]) -> None:
@@ -79,7 +118,7 @@ def check_teacher_isolated(teacher: Teacher, student_chunks: list[torch.nn.Modul
     if type(teacher) is Teacher:
         return
     student_params = {id(p) for c in student_chunks for p in c.parameters()}
-    for chunk in teacher.chunks:
+    for chunk in teacher.chunks + getattr(teacher, "shadow", []):
         for name, param in chunk.named_parameters():
             assert not param.requires_grad and param.grad is None, f"teacher parameter {name} has a grad"
             assert getattr(param, "main_grad", None) is None, f"teacher parameter {name} has a main_grad"

@@ -110,11 +110,31 @@ class RolloutAttention:
         query_sbhd = self._rotate(query_sbhd)
         new_sbgd = key_kbgd[-s:]
         new_sbgd.copy_(self._rotate(new_sbgd))  # rotated once, in place: later steps reuse it
-        scale = getattr(core, "softmax_scale", None) or 1.0 / math.sqrt(d)
-        context_bhsd = F.scaled_dot_product_attention(
-            query_sbhd.permute(1, 2, 0, 3), key_kbgd.permute(1, 2, 0, 3), value_kbgd.permute(1, 2, 0, 3),
-            attn_mask=self._keep_b1qk, scale=scale, enable_gqa=key_kbgd.shape[2] != heads)
+        # From the config: TE's core attention has no ``softmax_scale`` attribute (the local one does).
+        scale = core.config.softmax_scale or 1.0 / math.sqrt(d)
+        query_bhsd, key_bgkd, value_bgkd, gqa = sdpa_operands(
+            query_sbhd, key_kbgd, value_kbgd, on_cuda=query_sbhd.is_cuda)
+        context_bhsd = F.scaled_dot_product_attention(query_bhsd, key_bgkd, value_bgkd, attn_mask=self._keep_b1qk,
+                                                      scale=scale, enable_gqa=gqa)
         return context_bhsd.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+
+
+def sdpa_operands(query_sbhd, key_kbgd, value_kbgd, *, on_cuda: bool):
+    """SDPA's [b, heads, s, d] operands, and whether to ask for grouped-query attention.
+
+    With a mask, CUDA's fused kernels (memory-efficient, cuDNN) do not take ``enable_gqa`` (flash
+    does, but takes no mask): SDPA would fall back to the unfused math kernel and materialise
+    [b, heads, P, P] scores at prefill. There the key/value groups are expanded to one per head
+    instead (a copy of the cache view, heads / groups times its size). On CPU, ``enable_gqa`` is
+    fused and copies nothing.
+    """
+    heads, groups = query_sbhd.shape[2], key_kbgd.shape[2]
+    query, key, value = (t.permute(1, 2, 0, 3) for t in (query_sbhd, key_kbgd, value_kbgd))
+    if groups == heads:
+        return query, key, value, False
+    if not on_cuda:
+        return query, key, value, True
+    return query, key.repeat_interleave(heads // groups, dim=1), value.repeat_interleave(heads // groups, dim=1), False
 
 
 def _bind(fn, core):

@@ -113,6 +113,11 @@ def check_layout(name, model_cfg, full, ref_logits, ref_grads, data, *, tp=1, pp
     # rank only its own shard reduced); the distributed optimizer is checked through Adam steps below.
     runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, use_distributed_optimizer=False), seed=1)
     chunks = build_model(model_cfg, runtime, ModelBuildConfig(recompute=recompute))
+    # Random init does not depend on the layout: every shard is the TP1/PP1 init's (same seed), on
+    # every pipeline stage (the GPU path uses the same code: models.provider.init_random_weights).
+    init_err = chunk_grads_vs_reference(chunks, full, runtime.tp_rank, runtime.tp, tied=model_cfg.tie_word_embeddings,
+                                        atol=0.0, rtol=0.0, select=lambda p: p.detach())
+    assert init_err == 0.0
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp, tied=model_cfg.tie_word_embeddings)
     ddp = wrap_ddp(chunks, runtime)
     seen = sharded_step(ddp, runtime, data)
