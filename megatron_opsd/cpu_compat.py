@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -123,6 +124,11 @@ def apply() -> bool:
     if torch.cuda.is_available():
         return False
     check_version()
+    # Why: on a CPU machine megatron's "Apex / Transformer Engine not installed, falling back" warnings
+    # (one per module that looks for them, in every process) say nothing actionable. Only these are
+    # silenced, only here: on GPU machines they point at a missing fused kernel and stay visible.
+    warnings.filterwarnings("ignore", message=r"\s*(Apex is not installed|Transformer Engine and Apex are not "
+                            r"installed)", category=UserWarning)
     # Why: megatron calls these unconditionally; on a CPU build they raise "not compiled with CUDA".
     torch.cuda.current_device = lambda: 0  # an index; the mode below maps it to CPU
     torch.cuda.synchronize = lambda *a, **k: None  # p2p batching, checkpoint save

@@ -245,7 +245,7 @@ def test_bf16_ema_teacher_follows_an_fp64_ema(runtime):
     for _ in range(30):
         with torch.no_grad():
             for p in student[0].parameters():
-                p.add_(0.01 + 0.01 * torch.rand(p.shape, generator=gen).to(p.dtype))
+                p.add_(0.01 + 0.01 * torch.rand(p.shape, generator=gen).to(p))
         teacher.after_optimizer_step(student)
         for e, s in zip(expected, student[0].parameters()):
             e.mul_(decay).add_(s.detach().double(), alpha=1 - decay)
@@ -355,3 +355,27 @@ def test_rollout_attention_on_cuda_expands_groups_instead_of_enable_gqa():
     assert cpu_gqa and not cuda_gqa and cuda_ops[1].shape[1] == 4
     torch.testing.assert_close(F.scaled_dot_product_attention(*cuda_ops, attn_mask=mask),
                                F.scaled_dot_product_attention(*cpu_ops, attn_mask=mask, enable_gqa=True))
+
+
+# ---- 11: the single-GPU check script, its CPU-side parts ----------------------------------------------
+def test_gpu_check_script_refuses_bad_arguments_and_a_machine_without_gpu():
+    script = REPO / "tests" / "gpu" / "run_gpu_checks.sh"
+    bad = subprocess.run(["bash", str(script), "--gpus", "8"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument --gpus" in bad.stderr
+    no_gpu = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+    assert no_gpu.returncode == 2 and "no CUDA GPU" in no_gpu.stderr, no_gpu.stderr
+
+
+def test_gpu_check_report_names_items_and_what_is_not_covered(tmp_path):
+    xml = tmp_path / "gpu.xml"
+    xml.write_text("""<testsuites><testsuite>
+      <testcase classname="tests.gpu.test_single_gpu" name="test_fp16_training_step_on_cuda" time="3.5"/>
+      <testcase classname="tests.gpu.test_single_gpu" name="test_convert_and_verify_on_cuda" time="1">
+        <failure message="x"/></testcase>
+      <testcase classname="tests.unit.test_x" name="test_other" time="0"><skipped/></testcase>
+    </testsuite></testsuites>""")
+    out = subprocess.run([sys.executable, str(REPO / "tests" / "gpu" / "report.py"), str(xml)], capture_output=True,
+                         text=True, check=True).stdout
+    assert "test_fp16_training_step_on_cuda  passed" in out and "6 fp16 loss scaling" in out
+    assert "FAILED" in out and "1 passed, 1 failed, 1 skipped" in out
+    assert "not covered here: Transformer Engine" in out

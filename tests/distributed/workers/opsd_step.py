@@ -92,10 +92,12 @@ one_step.calls = 0
 
 
 def close(a: float, b: float) -> bool:
-    """1e-5 relative, plus 1e-7 absolute: the loss is a small difference of O(1) fp32 log-probabilities
-    (a KL of ~1e-3 from entropies of ~5), so its absolute error floor is fp32 resolution on O(1)
-    numbers, not on the loss itself (seen: top-k+tail, 1 vs 4 micro-batches, 1.1e-8)."""
-    return abs(a - b) <= RTOL * max(abs(a), abs(b)) + 1e-7
+    """1e-5 relative, plus 1e-6 absolute. The grad norm is checked to 1e-5 relative; the loss is a small
+    difference of fp32 log-probabilities of O(5) (entropies ~5.5, one fp32 ulp 4.8e-7): a KL of ~1e-2
+    whose absolute error floor is a couple of ulps of those O(5) numbers, not a fraction of the loss
+    (seen: sampled_token at TP2 9.4e-7 and forward KL 1 vs 4 micro-batches 2.0e-7 with one random init,
+    below 1e-7 with another; top-k+tail 1.1e-8)."""
+    return abs(a - b) <= RTOL * max(abs(a), abs(b)) + 1e-6
 
 
 LOSS_CONFIGS = {
