@@ -34,7 +34,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "matplotlib"],
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib", "peft"],  # peft: the LoRA reference
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],

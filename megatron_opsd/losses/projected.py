@@ -62,7 +62,7 @@ class _ProjectedTokenLoss(torch.autograd.Function):
         if grad_h is None:
             raise RuntimeError("projected_token_loss: backward called twice (the gradients are consumed)")
         ctx.grad_h = ctx.grad_w = None
-        grad_w = grad_w.mul_(grad_loss).to(ctx.weight_dtype)
+        grad_w = None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.weight_dtype)
         return grad_h.mul_(grad_loss), grad_w, None
 
 
@@ -76,7 +76,7 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
     ``weight_t``: this rank's ``[V/TP, H]`` output weights (the same tensor for a live teacher);
     ``token_weights``: ``[n]`` (the loss mask). Returns the scalar loss and the detached fp32
     per-token losses ``[n]``. Gradients are computed only when grad mode is on and ``hidden_s`` or
-    ``weight_s`` requires grad.
+    ``weight_s`` requires grad (``dW`` only when ``weight_s`` does).
 
     Collectives per call: none of its own; ``token_loss``'s forward ones once per chunk of
     ``projection_rows`` tokens (all ranks of the TP group walk the same chunks); backward none.
@@ -96,11 +96,12 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
     num_rows = hidden_s.shape[0]
     rows_per_chunk = projection_rows(chunk_tokens, weight_s.shape[0], hidden_s.device)
     need_grad = torch.is_grad_enabled() and (hidden_s.requires_grad or weight_s.requires_grad)
+    need_grad_w = need_grad and weight_s.requires_grad  # a frozen output layer (LoRA) needs no dW
     per_token = torch.zeros(num_rows, dtype=torch.float32, device=hidden_s.device)
 
     def run(h_s: torch.Tensor, w_s: torch.Tensor):
         grad_h = torch.zeros_like(h_s) if need_grad else None
-        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_grad else None
+        grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if need_grad_w else None
         loss = torch.zeros((), dtype=torch.float32, device=h_s.device)
         # One logits buffer reused by every chunk (fresh [c, V] allocations page-fault on CPU). A live
         # teacher shares the student's weight: both sides are then projected by a single matmul.
@@ -130,7 +131,8 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
                     on_chunk(s.detach(), t, per_token[rows], rows)
             if need_grad:
                 grad_h[rows] = grad_s.to(w_s.dtype) @ w_s
-                grad_w.addmm_(grad_s.t().float(), h_s[rows].float())
+                if need_grad_w:
+                    grad_w.addmm_(grad_s.t().float(), h_s[rows].float())
             del s, t, grad_s
         return loss, grad_h, grad_w
 

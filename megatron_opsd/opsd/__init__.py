@@ -2,7 +2,8 @@
 
 from megatron_opsd.opsd.config import LossConfig
 from megatron_opsd.opsd.step import NonFiniteError, StepContext, run_schedule, train_step
-from megatron_opsd.opsd.teacher import EMATeacher, FrozenTeacher, Teacher, check_teacher_isolated
+from megatron_opsd.opsd.teacher import (AdapterTeacher, EMATeacher, FrozenTeacher, Teacher,
+                                        check_teacher_isolated)
 
-__all__ = ["EMATeacher", "FrozenTeacher", "LossConfig", "NonFiniteError", "StepContext", "Teacher",
+__all__ = ["AdapterTeacher", "EMATeacher", "FrozenTeacher", "LossConfig", "NonFiniteError", "StepContext", "Teacher",
            "check_teacher_isolated", "run_schedule", "train_step"]

@@ -159,8 +159,8 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     teacher_out = teacher_weight = None
     if ctx.teacher is not None:
         teacher = ctx.teacher.chunks[chunk_id]
-        with torch.no_grad(), _projection(teacher).at(batch.teacher_index if last else None,
-                                                      deferred=deferred) as head:
+        with torch.no_grad(), ctx.teacher.context(), \
+                _projection(teacher).at(batch.teacher_index if last else None, deferred=deferred) as head:
             teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
             teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
                                   batch.teacher.attention_mask)

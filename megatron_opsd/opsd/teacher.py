@@ -6,6 +6,7 @@ Copies are never wrapped in DDP, never handed to the optimizer and never require
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import torch
@@ -36,6 +37,10 @@ class Teacher:
 
     def after_load(self) -> None:
         """Called after a checkpoint restored ``state_dict_to_save()``'s chunks."""
+
+    def context(self):
+        """Entered around every teacher forward (the adapter teachers switch the adapters there)."""
+        return contextlib.nullcontext()
 
 
 class FrozenTeacher(Teacher):
@@ -112,9 +117,59 @@ class EMATeacher(FrozenTeacher):
                     t.copy_(m)
 
 
+class AdapterTeacher(Teacher):
+    """LoRA: the student's own chunks with their adapters switched for the teacher forward.
+
+    ``initial``: adapters off, i.e. the frozen base weights theta_0 (the paper's teacher at zero extra
+    weight memory); ``live``: adapters on (under no_grad); ``ema``: an exponential moving average of the
+    adapters only (fp32, stored in checkpoints as part of the adapters' state).
+    """
+
+    MODES = {"initial": "off", "live": "on", "ema": "ema"}
+
+    def __init__(self, chunks: list[torch.nn.Module], teacher: str, decay: float = 0.999):
+        from megatron_opsd.models.lora import adapters
+
+        super().__init__(chunks)
+        self.name, self.mode, self.decay = teacher, self.MODES[teacher], decay
+        self._adapters = [lora for _, _, lora in adapters(self.chunks)]
+        if not self._adapters:
+            raise ValueError("an adapter teacher needs LoRA adapters on the model (lora.rank > 0)")
+        if self.mode == "ema":
+            for lora in self._adapters:
+                for p in lora.projections:
+                    for side in ("A", "B"):
+                        # fp32 (bf16 could not take 1e-3 steps); persistent: part of the adapters'
+                        # checkpoint state, sharded like the adapter itself
+                        lora.register_buffer(f"ema_{p}_{side}", getattr(lora, f"{p}_{side}").detach().float().clone())
+                        lora.ema[f"{p}_{side}"] = getattr(lora, f"ema_{p}_{side}")
+
+    def context(self):
+        from megatron_opsd.models.lora import adapters_set
+
+        return adapters_set(self.chunks, self.mode)
+
+    @torch.no_grad()
+    def after_optimizer_step(self, student_chunks: list[torch.nn.Module]) -> None:
+        if self.mode != "ema":
+            return
+        for lora in self._adapters:
+            for key, average in lora.ema.items():
+                average.lerp_(getattr(lora, key).detach().float(), 1.0 - self.decay)
+
+
 def check_teacher_isolated(teacher: Teacher, student_chunks: list[torch.nn.Module]) -> None:
     """Start-up assertion: teacher copies have no grad, and are not among the parameters the
     optimizer sees (those of the DDP-wrapped student; megatron's optimizers are built from them)."""
+    if isinstance(teacher, AdapterTeacher):
+        from megatron_opsd.models.lora import adapters
+
+        adapter_params = {id(p) for _, _, lora in adapters(teacher.chunks) for p in lora.parameters()}
+        for chunk in teacher.chunks:
+            for name, param in chunk.named_parameters():
+                assert not param.requires_grad or id(param) in adapter_params, \
+                    f"base parameter {name} would train under LoRA"
+        return
     if type(teacher) is Teacher:
         return
     student_params = {id(p) for c in student_chunks for p in c.parameters()}

@@ -28,3 +28,10 @@ def test_opsd_step_matches_plain_pytorch_on_the_hf_model():
     out = run_torchrun(WORKERS / "opsd_hf_reference.py", 1)
     assert "opsd_hf_reference: all checks passed" in out, out[-5000:]
     assert "qwen3" in out and "llama" in out
+
+
+@pytest.mark.distributed
+def test_lora_step_matches_transformers_and_peft():
+    out = run_torchrun(WORKERS / "lora_reference.py", 1)
+    assert "lora_reference: all checks passed" in out, out[-5000:]
+    assert out.count("teacher == base bit for bit") == 2, out[-3000:]

@@ -24,9 +24,10 @@ from common import rank_print, tiny_llama, unsharded_params
 from megatron_opsd.data.batch import collate_pairs
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp
+from megatron_opsd.models.lora import LoRAConfig, attach_lora, load_peft_tensors, peft_shapes
 from megatron_opsd.models.provider import ModelBuildConfig, build_model
 from megatron_opsd.models.sharding import load_unsharded
-from megatron_opsd.opsd import EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
+from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
 from megatron_opsd.opsd.step import run_schedule, train_step
 from megatron_opsd.opsd.teacher import check_teacher_isolated
 from megatron_opsd.parallel import ParallelConfig, init_parallel
@@ -57,15 +58,29 @@ def micro_batches(pairs, runtime, num_microbatches):
     return [collate_pairs(mine[i * size:(i + 1) * size], PAD) for i in range(num_microbatches)]
 
 
+LORA = LoRAConfig(rank=4, alpha=8.0)
+
+
+def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
+    """Unsharded non-zero adapters of every layer (the same in every process): B != 0, so they matter."""
+    gen = torch.Generator().manual_seed(seed)
+    return {key: torch.randn(shape, generator=gen) * 0.2 for key, shape in peft_shapes(model_cfg, lora).items()}
+
+
 def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_microbatches=4,
-             teacher_mode="live", recompute="none", empty_dp_rank=None):
+             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None):
     one_step.calls += 1
     runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp), seed=5)
     chunks = build_model(model_cfg, runtime, ModelBuildConfig(recompute=recompute))
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp)
+    if lora is not None:
+        attach_lora(chunks, model_cfg, lora, runtime, seed=5)
+        load_peft_tensors(chunks, random_adapters(model_cfg, lora), "test adapters")
     ddp = wrap_ddp(chunks, runtime)
     optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=1e-2, clip_grad=1.0))
-    if teacher_mode == "live":
+    if lora is not None:
+        teacher = AdapterTeacher(ddp, teacher_mode)
+    elif teacher_mode == "live":
         teacher = Teacher(ddp)
     else:
         frozen = FrozenTeacher.copy_of(ddp, model_cfg, runtime, ModelBuildConfig())
@@ -80,7 +95,7 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_micr
     metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
     after = [p.detach() for c in teacher.chunks for p in c.parameters()]
     moved = any(not torch.equal(a, b) for a, b in zip(before, after))
-    for chunk in teacher.chunks:
+    for chunk in teacher.chunks if lora is None else []:  # (a LoRA teacher is the student with adapters off)
         for name, p in chunk.named_parameters():
             if teacher_mode != "live":
                 assert p.grad is None and getattr(p, "main_grad", None) is None, f"teacher {name} got a grad"
@@ -135,6 +150,9 @@ def reference(path: str) -> None:
         assert ok, (single, ref)
         assert same, (whole, ref)
         out[name] = ref
+    # LoRA, theta_0 teacher by adapter switch-off (its reference against peft: lora_reference.py)
+    out["lora"], _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"),
+                              teacher_mode="initial", lora=LORA)
     # the DP check below masks out DP rank 0's two pairs: the same as training on the other six
     out["without the first two pairs"], _ = one_step(model_cfg, full, pairs[2:], LossConfig(**LOSS_CONFIGS[
         "forward_kl clip"]), num_microbatches=2)
@@ -162,6 +180,16 @@ def layouts(path: str) -> None:
                        f"tokens={got['response_tokens']} {'ok' if ok else 'MISMATCH'}")
             assert got["response_tokens"] == ref["response_tokens"]
             assert ok, f"{name} {layout}: {got} vs reference {ref}"
+
+    # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
+    for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6]]:  # TP2, PP2, TP2xPP2, PP2xVPP2, DP4
+        got, _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"), teacher_mode="initial",
+                          lora=LORA, **kwargs)
+        ref = refs["lora"]
+        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+        rank_print(f"[lora] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   f"{'ok' if ok else 'MISMATCH'}")
+        assert ok, f"lora {layout}: {got} vs reference {ref}"
 
     # Teacher modes: the student moves, a frozen teacher does not, an EMA teacher does.
     for mode, should_move in (("initial", False), ("ema", True)):

@@ -1,0 +1,143 @@
+"""LoRA in one process: config validation, PEFT adapter directories in and out, the adapters' forward
+against transformers + peft (the OPSD step's gradients are checked in tests/distributed: lora_reference.py
+and the layout test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from megatron_opsd.models.description import ModelConfig
+from megatron_opsd.models.lora import PROJECTIONS, LoRAConfig, peft_shapes, read_peft_adapter, write_peft_adapter
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from megatron_opsd.parallel import ParallelConfig, init_parallel
+
+    rt = init_parallel(ParallelConfig(), seed=0)
+    yield rt
+    rt.destroy()
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(rank=-1), "lora.rank=-1 must be >= 0"),
+    (dict(rank=8, alpha=0), "lora.alpha=0 must be > 0"),
+    (dict(rank=8, dropout=1.0), "lora.dropout=1.0"),
+    (dict(rank=8, targets=["q_proj", "qkv"]), r"unknown projection\(s\) \['qkv'\]"),
+    (dict(rank=8, targets=[]), "lora.targets is empty"),
+])
+def test_bad_lora_config_names_the_field(fields, message):
+    with pytest.raises(ValueError, match=message):
+        LoRAConfig(**fields)
+
+
+def _peft_dir(tmp_path, family="llama", name="adapter", **lora_fields):
+    from tests.hf_fixtures import build_hf_model
+
+    fields = dict(r=4, lora_alpha=8, target_modules=list(PROJECTIONS), lora_dropout=0.0)
+    model = peft.get_peft_model(build_hf_model(family), peft.LoraConfig(**{**fields, **lora_fields}))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.normal_(0, 0.2)
+    model.save_pretrained(tmp_path / name)
+    return model, tmp_path / name
+
+
+def _model_cfg(family="llama") -> ModelConfig:
+    from tests.hf_fixtures import hf_config
+
+    return ModelConfig.from_hf_dict(hf_config(family).to_dict())
+
+
+def test_peft_adapter_round_trips_bit_for_bit(tmp_path):
+    model, directory = _peft_dir(tmp_path)
+    cfg = LoRAConfig(rank=4, alpha=8.0)
+    tensors = read_peft_adapter(str(directory), _model_cfg(), cfg)
+    write_peft_adapter(tmp_path / "again", tensors, cfg, _model_cfg())
+    again = read_peft_adapter(str(tmp_path / "again"), _model_cfg(), cfg)
+    assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors)
+    from tests.hf_fixtures import build_hf_model
+
+    reloaded = peft.PeftModel.from_pretrained(build_hf_model("llama"), tmp_path / "again")  # peft reads it
+    tokens = torch.randint(0, 250, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits)
+
+
+@pytest.mark.parametrize("lora_fields, cfg_fields, message", [
+    (dict(use_dora=True), {}, "use_dora=True is not supported"),
+    (dict(modules_to_save=["lm_head"]), {}, "modules_to_save"),
+    (dict(bias="all"), {}, "bias='all' is not supported"),
+    (dict(r=8), {}, "r=8, lora_alpha=8 but the run has lora.rank=4"),
+    (dict(target_modules=["q_proj", "v_proj"]), {}, "target_modules="),
+])
+def test_unsupported_peft_adapters_are_refused(tmp_path, lora_fields, cfg_fields, message):
+    _, directory = _peft_dir(tmp_path, **lora_fields)
+    with pytest.raises(ValueError, match=message):
+        read_peft_adapter(str(directory), _model_cfg(), LoRAConfig(rank=4, alpha=8.0, **cfg_fields))
+
+
+def test_adapter_for_another_base_is_refused_naming_the_tensor(tmp_path):
+    _, directory = _peft_dir(tmp_path, family="qwen3")  # hidden 64 but head_dim 32: other q/k/v/o shapes
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.\w_proj\.lora_\w\.weight has shape .* another base"):
+        read_peft_adapter(str(directory), _model_cfg("llama"), LoRAConfig(rank=4, alpha=8.0))
+
+
+def test_not_an_adapter_directory(tmp_path):
+    with pytest.raises(ValueError, match="not a PEFT adapter directory"):
+        read_peft_adapter(str(tmp_path), _model_cfg(), LoRAConfig(rank=4))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_adapters_forward_equals_peft(runtime, tmp_path, family):
+    """Our adapters on megatron's fused qkv / gate-up layers give PEFT's logits (targets: a subset, so the
+    untargeted parts of the fused layers are exercised too)."""
+    from megatron_opsd.models.hf_mapping import hf_to_unsharded
+    from megatron_opsd.models.lora import attach_lora, load_peft_tensors
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.models.sharding import load_unsharded
+
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    model, directory = _peft_dir(tmp_path, family=family, target_modules=targets)
+    cfg = _model_cfg(family)
+    base = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+            for k, v in model.state_dict().items() if "lora_" not in k}
+    chunks = build_model(cfg, runtime)
+    load_unsharded(chunks, dict(hf_to_unsharded(base.items(), cfg)), 0, 1, tied=cfg.tie_word_embeddings)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=targets)
+    attach_lora(chunks, cfg, lora, runtime, seed=0)
+    load_peft_tensors(chunks, read_peft_adapter(str(directory), cfg, lora), "adapter")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    mask = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)[None, None].expand(2, 1, 7, 7)
+    with torch.no_grad():
+        ours = chunks[0](tokens, torch.arange(7).expand(2, 7), mask)[..., :cfg.vocab_size]  # [b, s, V]
+        reference = model(tokens).logits
+        with model.disable_adapter():
+            base_logits = model(tokens).logits
+    assert (reference - base_logits).abs().max() > 1e-2  # the adapters matter
+    torch.testing.assert_close(ours.float(), reference, atol=2e-5, rtol=1e-5)
+
+
+def test_peft_init_is_layout_free_kaiming_a_and_zero_b(runtime):
+    from megatron_opsd.models.lora import adapter_items, attach_lora
+    from megatron_opsd.models.provider import build_model
+
+    cfg = _model_cfg()
+    chunks = build_model(cfg, runtime)
+    attach_lora(chunks, cfg, LoRAConfig(rank=4), runtime, seed=3)
+    shapes = peft_shapes(cfg, LoRAConfig(rank=4))
+    for key, lora, name in adapter_items(chunks):
+        value = getattr(lora, name)
+        assert tuple(value.shape) == shapes[key]
+        if name.endswith("_B"):
+            assert not value.any()
+        else:
+            assert value.abs().max() <= 1 / shapes[key][1] ** 0.5 and value.std() > 0
+    trainable = {n for c in chunks for n, p in c.named_parameters() if p.requires_grad}
+    assert trainable and all("_lora." in n for n in trainable)
