@@ -13,6 +13,12 @@ Variants (one fresh process each, TP=1/PP=1, so peak RSS is per rank and compara
   (d) autograd    (a) but the teacher pass runs with autograd and its graph stays alive until the
                   micro-batch's backward (a naive single-pass implementation)
   (e) ours, logits materialised   (a) with loss.fused_projection=false: the fused schedule alone
+  (f) LoRA        (a) with LoRA adapters (rank --lora-rank on all seven projections, base frozen) and the
+                  paper's theta_0 teacher = the same weights with the adapters switched off (no copy)
+  (g) full FT, frozen copy   (a) training every weight, theta_0 teacher = a frozen copy of the weights
+LoRA comparison (weights dominate; the paper's recipe vs the alternatives):
+    python benchmarks/opsd_step.py --layers 8 --hidden 1024 --response 128 --prompt 64 \
+        --teacher-extra 128 --microbatches 2 --variants fgc
 Logits are projected at response positions only in every variant. (a) projects inside the loss a
 chunk of tokens at a time (no [R, V] logits tensor, student or teacher); (b)-(e) materialise the
 micro-batch's [R, V] logits as megatron's output layer does, so (e) vs (b) isolates the schedule and
@@ -37,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 VARIANTS = {"a": "ours (fused schedule + fused projection)", "b": "separate teacher pass",
             "c": "OPD, separate teacher model", "d": "teacher with autograd",
-            "e": "ours, logits materialised"}
+            "e": "ours, logits materialised", "f": "LoRA, theta_0 teacher = adapters off",
+            "g": "full FT, theta_0 teacher = frozen copy"}
 
 
-def build(args):
+def build(args, lora: bool = False):
     from megatron_opsd.data.batch import collate_pairs
     from megatron_opsd.data.contexts import build_pair
     from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp
@@ -53,6 +60,10 @@ def build(args):
                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
     runtime = init_parallel(ParallelConfig(), seed=0)
     chunks = build_model(model_cfg, runtime)
+    if lora:
+        from megatron_opsd.models.lora import LoRAConfig, attach_lora
+
+        attach_lora(chunks, model_cfg, LoRAConfig(rank=args.lora_rank, alpha=2.0 * args.lora_rank), runtime, seed=0)
     ddp = wrap_ddp(chunks, runtime)
     optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=1e-5))
     gen = torch.Generator().manual_seed(0)
@@ -125,11 +136,16 @@ def child(args) -> None:
     from megatron_opsd.opsd.teacher import FrozenTeacher
     from megatron_opsd.models.provider import ModelBuildConfig
 
-    model_cfg, runtime, chunks, ddp, optimizer, batches = build(args)
-    loss = LossConfig(teacher="live", fused_projection=args.variant == "a")
+    from megatron_opsd.opsd.teacher import AdapterTeacher
+
+    model_cfg, runtime, chunks, ddp, optimizer, batches = build(args, lora=args.variant == "f")
+    teacher = {"f": lambda: AdapterTeacher(ddp, "initial"),
+               "g": lambda: FrozenTeacher.copy_of(ddp, model_cfg, runtime, ModelBuildConfig())}.get(
+        args.variant, lambda: Teacher(ddp))()
+    loss = LossConfig(teacher=teacher.name, fused_projection=args.variant != "e")
     ctx = StepContext(runtime=runtime, loss=loss, temperature=1.0, vocab_size=model_cfg.vocab_size,
-                      teacher=Teacher(ddp), detailed_metrics=False)
-    if args.variant in ("a", "e"):
+                      teacher=teacher, detailed_metrics=False)
+    if args.variant in ("a", "e", "f", "g"):
         run = lambda: train_step(ctx, ddp, optimizer, batches, pad_id=0, clip_grad=1.0)  # noqa: E731
     elif args.variant == "b":
         run = lambda: separate_step(ctx, ddp, optimizer, batches, ctx.teacher.chunks, opd=False)  # noqa: E731
@@ -146,7 +162,10 @@ def child(args) -> None:
         times.append(time.perf_counter() - start)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"variant": args.variant, "step_s": min(times), "peak_mib": peak_mib,
-                      "loss": metrics["loss"]}))
+                      "loss": metrics["loss"]}), flush=True)
+    from megatron_opsd.parallel import shutdown
+
+    shutdown()  # (left to interpreter exit, gloo's threads sometimes abort the process)
 
 
 def main() -> None:
@@ -159,7 +178,8 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=128, help="student prompt tokens")
     parser.add_argument("--teacher-extra", type=int, default=256, help="teacher prompt minus student prompt")
     parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--variants", default="".join(VARIANTS), help="which to run, e.g. 'abe' (default: all)")
+    parser.add_argument("--lora-rank", type=int, default=64, help="(f): the paper's rank 64, alpha 128")
+    parser.add_argument("--variants", default="abcde", help="which to run, e.g. 'abe' (default: abcde)")
     parser.add_argument("--variant", choices=sorted(VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
@@ -196,6 +216,12 @@ def main() -> None:
         ratio_m = r["peak_mib"] / a["peak_mib"] if a else float("nan")
         print(f"| ({variant}) {name} | {r['step_s']:.2f} | {r['peak_mib']:.0f} | {ratio_t:.2f} | {ratio_m:.2f} "
               f"| {r['loss']:.6f} |")
+    f, g, c = results.get("f"), results.get("g"), results.get("c")
+    if f and g:
+        print(f"\nLoRA (f) / full FT with a frozen copy (g): peak {f['peak_mib'] / g['peak_mib']:.2f} (target <= 0.5), "
+              f"time {f['step_s'] / g['step_s']:.2f} (target <= 1.0)")
+    if f and c:
+        print(f"LoRA (f) / OPD with a separate teacher (c): peak {f['peak_mib'] / c['peak_mib']:.2f} (target <= 0.4)")
     if a and results.get("b") and results.get("c"):
         print(f"\n(a)/(b) peak = {a['peak_mib'] / results['b']['peak_mib']:.2f} (target <= 0.5), "
               f"(a)/(c) peak = {a['peak_mib'] / results['c']['peak_mib']:.2f} (target <= 0.6), "

@@ -147,13 +147,18 @@ def forward_backward(
     if runtime.vpp is not None and not isinstance(data_iterators, list):
         data_iterators = [data_iterators] * runtime.vpp
     schedule = get_forward_backward_func()
-    with cpu_compat.placement_context():
-        return schedule(
-            forward_step_func=forward_step,
-            data_iterator=data_iterators,
-            model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
-            num_microbatches=num_microbatches,
-            seq_length=seq_length,
-            micro_batch_size=micro_batch_size,
-            forward_only=forward_only,
-        )
+    try:
+        with cpu_compat.placement_context():
+            return schedule(
+                forward_step_func=forward_step,
+                data_iterator=data_iterators,
+                model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
+                num_microbatches=num_microbatches,
+                seq_length=seq_length,
+                micro_batch_size=micro_batch_size,
+                forward_only=forward_only,
+            )
+    finally:
+        # The model's config outlives this call: a reference to the optimizer there would keep it (and
+        # what it holds: buffers, communicators) alive after the caller drops it.
+        config.grad_scale_func = None

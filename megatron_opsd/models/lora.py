@@ -94,8 +94,16 @@ class LoRAAdapters(torch.nn.Module):
             in_full, out_full = shapes[p]
             a_shape = (cfg.rank, in_full // tp if kind == "row" else in_full)
             b_shape = (out_full // tp if kind == "column" else out_full, cfg.rank)
-            self.register_parameter(f"{p}_A", torch.nn.Parameter(torch.zeros(a_shape, dtype=dtype, device=device)))
-            self.register_parameter(f"{p}_B", torch.nn.Parameter(torch.zeros(b_shape, dtype=dtype, device=device)))
+            for side, shape in (("A", a_shape), ("B", b_shape)):
+                param = torch.nn.Parameter(torch.zeros(shape, dtype=dtype, device=device))
+                split = {"column": ("B", 0), "row": ("A", 1)}[kind]
+                if tp > 1 and side == split[0]:
+                    # a TP shard: megatron's grad norm (and clipping) then counts every rank's part;
+                    # replicated tensors (no attribute) are counted once
+                    from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+
+                    set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split[1], stride=1)
+                self.register_parameter(f"{p}_{side}", param)
         self._install(linear)
 
     # ---- weights ---------------------------------------------------------------------------------

@@ -141,3 +141,28 @@ def test_peft_init_is_layout_free_kaiming_a_and_zero_b(runtime):
             assert value.abs().max() <= 1 / shapes[key][1] ** 0.5 and value.std() > 0
     trainable = {n for c in chunks for n, p in c.named_parameters() if p.requires_grad}
     assert trainable and all("_lora." in n for n in trainable)
+
+
+def test_rollout_samples_with_the_adapters_on(runtime, tmp_path):
+    """The student samples with its adapters: greedy tokens equal PEFT's ``generate`` (KV-cached and
+    left-padded prompts in our engine); switched off, they equal the base model's."""
+    from megatron_opsd.models.lora import adapters_set, attach_lora, load_peft_tensors
+    from megatron_opsd.rollout import MegatronRolloutEngine, SamplingParams
+    from tests.distributed.workers.rollout_common import PROMPTS, hf_greedy, megatron_from_hf
+
+    from tests.hf_fixtures import build_hf_model
+
+    model, directory = _peft_dir(tmp_path)
+    chunks, cfg = megatron_from_hf(build_hf_model("llama"), runtime)  # the same base weights (seed 0)
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    attach_lora(chunks, cfg, lora, runtime, seed=0)
+    load_peft_tensors(chunks, read_peft_adapter(str(directory), cfg, lora), "adapter")
+    engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size)
+    greedy = SamplingParams(greedy=True, max_new_tokens=8)
+    ours = engine.generate(PROMPTS, greedy).response_ids
+    expected = [hf_greedy(model, p, 8, ()) for p in PROMPTS]
+    assert ours == expected
+    with adapters_set(chunks, "off"), model.disable_adapter():
+        base = [hf_greedy(model, p, 8, ()) for p in PROMPTS]
+        assert engine.generate(PROMPTS, greedy).response_ids == base
+    assert base != expected  # the adapters change the samples
