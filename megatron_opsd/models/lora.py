@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import re
 from dataclasses import dataclass
 
 import torch
@@ -393,3 +394,53 @@ def write_peft_adapter(directory, tensors: dict[str, torch.Tensor], cfg: LoRACon
               "init_lora_weights": True, "inference_mode": True, "base_model_name_or_path": base_model,
               "auto_mapping": {"base_model_class": FAMILIES[model.model_type][0]}}
     (path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+
+
+# ---- LoRA training checkpoints: adapters only, plus the base they adapt ---------------------------------
+_ADAPTER_KEY = re.compile(r"^decoder\.layers\.(?:self_attention|mlp)\.linear_\w+_lora\.(\w+_proj)_([AB])$")
+
+
+def read_checkpoint_adapters(step_dir) -> dict[str, torch.Tensor]:
+    """Unsharded adapter tensors (PEFT names) of a LoRA training checkpoint, whatever its layout."""
+    from megatron.core.dist_checkpointing.serialization import load_plain_tensors
+
+    out = {}
+    for key, value in load_plain_tensors(str(step_dir)).items():
+        match = _ADAPTER_KEY.match(key)
+        if match:  # layers are stacked on a leading axis
+            for layer in range(value.shape[0]):
+                out[peft_key(layer, match.group(1), match.group(2))] = value[layer]
+    return out
+
+
+def merge_adapters(hf_tensors, adapters: dict[str, torch.Tensor], scaling: float):
+    """Wrap an (HF name, tensor) stream: every adapted projection becomes W + scaling * B A, computed in
+    fp32 and stored in W's dtype."""
+    pattern = re.compile(r"^model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+_proj)\.weight$")
+    used = 0
+    for name, tensor in hf_tensors:
+        match = pattern.match(name)
+        key = match and peft_key(int(match.group(1)), match.group(2), "A")
+        if key in adapters:
+            a, b = adapters[key].float(), adapters[key[:-len("A.weight")] + "B.weight"].float()
+            tensor = (tensor.float() + scaling * (b @ a)).to(tensor.dtype)
+            used += 2
+        yield name, tensor
+    if used != len(adapters):
+        raise ValueError(f"{len(adapters) - used} adapter tensor(s) found no projection to merge into")
+
+
+def base_fingerprint(directory) -> str:
+    """A fingerprint of a converted (base) checkpoint's files: model.json, the dist checkpoint's metadata
+    and every data file's name and size. Cheap (no weight is read) and changes when the checkpoint is
+    replaced or re-converted; a LoRA run refuses to resume or export over another base."""
+    from pathlib import Path
+
+    path = Path(directory)
+    digest = hashlib.sha256()
+    for name in ("model.json", ".metadata"):
+        if (path / name).is_file():
+            digest.update(name.encode() + (path / name).read_bytes())
+    for file in sorted(path.glob("*.distcp")):
+        digest.update(f"{file.name}:{file.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
