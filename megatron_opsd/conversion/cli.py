@@ -54,6 +54,24 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def gguf_to_hf_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write an ordinary Hugging Face directory (safetensors, config.json, generation config, "
+                    "tokenizer with its chat template) from a GGUF file of a supported family (Llama, "
+                    "Qwen2, Qwen3, Mistral); quantized tensors are dequantized.")
+    parser.add_argument("--gguf", required=True, help="the .gguf file (only read)")
+    parser.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights dtype; auto: fp16/bf16 when the GGUF stores its matrices so, else fp32")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    args = parser.parse_args(argv)
+
+    from megatron_opsd.conversion.gguf_to_hf import convert_gguf_to_hf
+
+    convert_gguf_to_hf(args.gguf, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
+    return 0
+
+
 def verify_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Compare logits of an HF model and a converted megatron checkpoint on the same random "
