@@ -43,14 +43,18 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file (e.g. 5GB, 500MB); above it: shards + index")
     parser.add_argument("--tokenizer-dir", default=None,
-                        help="take tokenizer files from here (default: --megatron-dir)")
+                        help="take tokenizer files from here (default: the checkpoint's own, else the "
+                             "tokenizer directory or base model named by the run's saved config)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="export weights and config only (an HF directory AutoTokenizer cannot load)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
     from megatron_opsd.conversion.megatron_to_hf import convert_megatron_to_hf
 
     convert_megatron_to_hf(args.megatron_dir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                           tokenizer_dir=args.tokenizer_dir, force=args.force)
+                           tokenizer_dir=args.tokenizer_dir, with_tokenizer=not args.no_tokenizer,
+                           force=args.force)
     return 0
 
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_opsd.conversion.files import check_output_dir, copy_tokenizer_files, publish
+from megatron_opsd.conversion.files import (check_output_dir, copy_tokenizer_files, find_tokenizer_dir,
+                                            has_tokenizer, publish)
 from megatron_opsd.conversion.safetensors_io import ShardedWriter, TensorSpec, parse_size
 from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.hf_mapping import ConversionError, unsharded_to_hf
@@ -99,9 +100,28 @@ def resolve_checkpoint_dir(directory: str | Path, log=print) -> Path:
 
 
 def checkpoint_dtype(megatron_dir: str | Path) -> torch.dtype:
-    """The stored dtype of the model's weights."""
+    """The dtype the model's weights are stored (and were trained) in; the widest one if they mix."""
     _, tensors = model_tensor_metadata(megatron_dir)
-    return tensors[_ANCHOR].dtype
+    return max((t.dtype for t in tensors.values()), key=lambda d: torch.finfo(d).bits)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def export_tokenizer_dir(megatron_dir: Path, tokenizer_dir: str | Path | None) -> Path:
+    """The directory whose tokenizer files the export carries: ``tokenizer_dir`` when given, else the
+    checkpoint's own or its run's base model's (``files.find_tokenizer_dir``); refuses when none."""
+    if tokenizer_dir is not None:
+        if not has_tokenizer(tokenizer_dir):
+            raise ValueError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer.json/tokenizer_config.json")
+        return Path(tokenizer_dir)
+    found = find_tokenizer_dir(megatron_dir)
+    if found is None:
+        raise ValueError(f"{megatron_dir} holds no tokenizer files and its run config names no HF tokenizer "
+                         "directory: pass --tokenizer-dir DIR (e.g. the HF model the run started from), or "
+                         "--no-tokenizer to export the weights alone")
+    return found
 
 
 def stream_unsharded(megatron_dir: str | Path, cfg: ModelConfig, *, meta: bool = False):
@@ -152,12 +172,31 @@ def load_into(chunks: list[torch.nn.Module], megatron_dir: str | Path, prefix: s
         prefix, _ = checkpoint_model_info(megatron_dir)
     # ShardedTensor keys are global (layer offsets included), so the nesting of this dict is free.
     sharded = {f"chunk{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
-    state, missing, _unexpected = dist_checkpointing.load(sharded, str(megatron_dir),
-                                                          strict=StrictHandling.RETURN_ALL)
-    if missing:
-        raise ConversionError(f"the checkpoint lacks model tensor(s): {sorted(missing)[:8]}")
+    # megatron-core's words: "unexpected" = requested but absent from the checkpoint; "missing" = in
+    # the checkpoint but not requested (a training checkpoint's optimizer, teacher, RNG: expected).
+    state, not_requested, absent = dist_checkpointing.load(sharded, str(megatron_dir),
+                                                           strict=StrictHandling.RETURN_ALL)
+    check_model_keys(megatron_dir, prefix, absent, not_requested)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict({k[len(prefix):]: v for k, v in state[f"chunk{i}"].items()}, strict=True)
+
+
+def check_model_keys(megatron_dir, prefix: str, absent: set[str], not_requested: set[str]) -> None:
+    """Refuse a checkpoint that lacks tensors the model needs, or holds model tensors (under ``prefix``)
+    the model does not have (another model shape or family); other state is ignored."""
+    import torch.distributed as dist
+
+    foreign = sorted(k for k in not_requested if k.startswith(prefix) and
+                     k[len(prefix):].startswith(_MODEL_NAMESPACES) and not k.endswith("_extra_state"))
+    flags = torch.tensor([float(bool(absent))])
+    if dist.is_initialized():  # "absent" may differ across ranks: every rank raises or none
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.item():
+        raise ConversionError(f"{megatron_dir}: the checkpoint lacks model tensor(s) "
+                              f"{sorted(absent)[:8] or '(on another rank)'}")
+    if foreign:
+        raise ConversionError(f"{megatron_dir}: the checkpoint holds model tensor(s) this model does not have: "
+                              f"{foreign[:8]} (model.json describes another model?)")
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -174,7 +213,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str = "auto",
                            max_shard_size: str | int = "5GB", tokenizer_dir: str | Path | None = None,
-                           force: bool = False, log=print) -> Path:
+                           with_tokenizer: bool = True, force: bool = False, log=print) -> Path:
     """Convert the checkpoint in ``megatron_dir`` to an HF directory ``out``; return ``out``."""
     from megatron_opsd.checkpoint import read_model_json
     from megatron_opsd.parallel import ParallelConfig, init_parallel
@@ -184,14 +223,16 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r}: choose auto, fp32, bf16 or fp16")
     start = time.time()
+    max_bytes = parse_size(max_shard_size)
     megatron_dir = resolve_checkpoint_dir(megatron_dir, log)
     out = check_output_dir(out, force)
     cfg = read_model_json(megatron_dir)
-    max_bytes = parse_size(max_shard_size)
+    tokenizer_source = export_tokenizer_dir(megatron_dir, tokenizer_dir) if with_tokenizer else None
 
     runtime = init_parallel(ParallelConfig())  # dist_checkpointing.load needs a process group
     try:
-        target = DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(megatron_dir)
+        stored = checkpoint_dtype(megatron_dir)
+        target = DTYPES[dtype] if dtype != "auto" else stored
         # The plan (names, shapes, shard boundaries) comes from the mapping run on meta tensors.
         specs = [TensorSpec(n, target, tuple(t.shape))
                  for n, t in unsharded_to_hf(stream_unsharded(megatron_dir, cfg, meta=True), cfg)]
@@ -199,17 +240,24 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         writer = ShardedWriter(tmp, specs, max_bytes)
+        rounding = (0.0, "")  # the largest change the cast makes to a weight, and where
         with torch.no_grad():
             for name, tensor in unsharded_to_hf(stream_unsharded(megatron_dir, cfg), cfg):
-                writer.write(name, tensor.to(target))
+                cast = tensor.to(target)
+                if tensor.dtype != target and tensor.numel():
+                    change = (cast.to(tensor.dtype) - tensor).abs().max().item()
+                    rounding = max(rounding, (change, name))
+                writer.write(name, cast)
         writer.close()
     finally:
         runtime.destroy()
+    if rounding[0] > 0:
+        log(f"warning: --dtype {dtype} rounds the checkpoint's {_dtype_name(stored)} weights: max |change| "
+            f"{rounding[0]:.3e} ({rounding[1]}); --dtype auto keeps {_dtype_name(stored)}")
 
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
-    copied = copy_tokenizer_files(tokenizer_dir or megatron_dir, tmp)
-    if not copied:
-        log(f"warning: no tokenizer files in {tokenizer_dir or megatron_dir}: pass --tokenizer-dir")
+    if tokenizer_source is not None:
+        copy_tokenizer_files(tokenizer_source, tmp)
     publish(tmp, out)
     log(f"converted {megatron_dir} -> {out} ({cfg.model_type}, {str(target).removeprefix('torch.')}, "
         f"{len(writer.files)} file(s), "
