@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _dtype_arg(parser: argparse.ArgumentParser, what: str) -> None:
@@ -106,6 +107,8 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 def run(main) -> None:
     """Entry point wrapper: errors in user input print one line instead of a traceback."""
+    # megatron-core warns at import on every machine without TE/apex: noise above the one line.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         code = main()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -25,6 +25,8 @@ from megatron_opsd.conversion.safetensors_io import ShardedWriter, TensorSpec, p
 from megatron_opsd.models.description import FAMILIES, ModelConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# GGUF ``general.architecture`` values of the supported families (Mistral GGUFs usually say llama).
+GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 # GGUF stores norms in F32 whatever the model's dtype; the large matrices tell the source dtype.
 _UNQUANTIZED = {"F32": None, "F16": "fp16", "BF16": "bf16"}
 
@@ -66,6 +68,9 @@ def convert_gguf_to_hf(gguf_file: str | Path, out: str | Path, *, dtype: str = "
     max_bytes = parse_size(max_shard_size)
     out = check_output_dir(out, force=False)
     arch, tensor_types = read_gguf_header(gguf_file)
+    if arch not in GGUF_ARCHITECTURES:
+        raise ValueError(f"--gguf {gguf_file}: architecture {arch!r} is not supported; supported: "
+                         f"{sorted(GGUF_ARCHITECTURES)}")
     target = DTYPES[resolve_dtype(dtype, tensor_types)]
     where, name = str(gguf_file.parent), gguf_file.name
     try:

@@ -100,9 +100,9 @@ def resolve_checkpoint_dir(directory: str | Path, log=print) -> Path:
 
 
 def checkpoint_dtype(megatron_dir: str | Path) -> torch.dtype:
-    """The dtype the model's weights are stored (and were trained) in; the widest one if they mix."""
+    """The stored dtype of the model's weight matrices (a bf16/fp16 model keeps its norms in fp32)."""
     _, tensors = model_tensor_metadata(megatron_dir)
-    return max((t.dtype for t in tensors.values()), key=lambda d: torch.finfo(d).bits)
+    return tensors[_ANCHOR].dtype
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -231,8 +231,7 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
 
     runtime = init_parallel(ParallelConfig())  # dist_checkpointing.load needs a process group
     try:
-        stored = checkpoint_dtype(megatron_dir)
-        target = DTYPES[dtype] if dtype != "auto" else stored
+        target = DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(megatron_dir)
         # The plan (names, shapes, shard boundaries) comes from the mapping run on meta tensors.
         specs = [TensorSpec(n, target, tuple(t.shape))
                  for n, t in unsharded_to_hf(stream_unsharded(megatron_dir, cfg, meta=True), cfg)]
@@ -240,20 +239,23 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         writer = ShardedWriter(tmp, specs, max_bytes)
-        rounding = (0.0, "")  # the largest change the cast makes to a weight, and where
+        # The largest change the cast makes to a weight: a bf16 run's fp32 norms, which training moved
+        # off the bf16 grid, or any weight under a narrower --dtype.
+        rounding = (0.0, "", target)
         with torch.no_grad():
             for name, tensor in unsharded_to_hf(stream_unsharded(megatron_dir, cfg), cfg):
                 cast = tensor.to(target)
                 if tensor.dtype != target and tensor.numel():
                     change = (cast.to(tensor.dtype) - tensor).abs().max().item()
-                    rounding = max(rounding, (change, name))
+                    rounding = max(rounding, (change, name, tensor.dtype), key=lambda r: r[0])
                 writer.write(name, cast)
         writer.close()
     finally:
         runtime.destroy()
-    if rounding[0] > 0:
-        log(f"warning: --dtype {dtype} rounds the checkpoint's {_dtype_name(stored)} weights: max |change| "
-            f"{rounding[0]:.3e} ({rounding[1]}); --dtype auto keeps {_dtype_name(stored)}")
+    change, where, source = rounding
+    if change > 0:
+        log(f"warning: exporting {_dtype_name(target)} rounds the checkpoint's {_dtype_name(source)} weights: "
+            f"max |change| {change:.3e} ({where}); --dtype {_dtype_name(source)} keeps them exactly")
 
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
     if tokenizer_source is not None:

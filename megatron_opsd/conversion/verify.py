@@ -105,15 +105,16 @@ def megatron_logits(chunks: list[torch.nn.Module], runtime, tokens_bl: torch.Ten
 
 def hf_reference_logits(hf_dir: str | Path, tokens_bl: torch.Tensor,
                         round_to: torch.dtype = torch.float32) -> torch.Tensor:
-    """transformers' fp32 logits; with ``round_to`` the weights are first rounded to that dtype (as a
-    conversion to it rounds them) and computed in fp32."""
+    """transformers' fp32 logits; with ``round_to`` the weights are first rounded to that dtype, as a
+    conversion to it rounds them (except norms: megatron keeps them in fp32), and computed in fp32."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(param.to(round_to).float())
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(param.to(round_to).float())
         return model(input_ids=tokens_bl, use_cache=False).logits
 
 

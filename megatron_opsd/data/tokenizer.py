@@ -77,7 +77,10 @@ class Tokenizer(ABC):
     def check_fingerprint(self, recorded: dict, where: str) -> None:
         """Refuse this tokenizer when it differs from the ``recorded`` fingerprint (read from ``where``)."""
         mine = self.fingerprint()
-        differences = [f"{key} {mine.get(key)!r} vs {value!r}" for key, value in recorded.items()
+        def shown(value):  # a hash is told apart by its first digits
+            return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 16 else repr(value)
+
+        differences = [f"{key} {shown(mine.get(key))} vs {shown(value)}" for key, value in recorded.items()
                        if mine.get(key) != value]
         if differences:
             raise ValueError(f"tokenizer {self.path} is not the model's tokenizer recorded in {where} "

@@ -150,6 +150,38 @@ def check_dtypes(work: Path) -> None:
         else:
             assert stored == {torch.bfloat16} and len(warned) == 1, (stored, lines)
             print(f"export   fp32 checkpoint: auto keeps fp32; --dtype bf16 warns: {warned[0]}", flush=True)
+    check_bf16_run_export(work)
+
+
+def check_bf16_run_export(work: Path) -> None:
+    """A bf16 model keeps its norms in fp32, and training moves them off the bf16 grid: the export
+    (bf16 by default) says how much rounding them costs, measured."""
+    from megatron_opsd.checkpoint import load_model, read_model_json, save_model
+    from megatron_opsd.conversion.megatron_to_hf import convert_megatron_to_hf
+    from megatron_opsd.models.provider import ModelBuildConfig, build_model
+    from megatron_opsd.parallel import ParallelConfig, init_parallel
+
+    source, trained = work / "meg" / "bf16_auto", work / "meg" / "bf16_trained_norm"
+    cfg = read_model_json(source)
+    runtime = init_parallel(ParallelConfig(), seed=3)
+    [model] = build_model(cfg, runtime, ModelBuildConfig(dtype="bf16"))
+    load_model([model], source)
+    norm = model.decoder.final_layernorm.weight
+    assert norm.dtype == torch.float32, norm.dtype
+    with torch.no_grad():
+        norm.add_(3e-4)  # an update far below bf16's resolution near 1 (2**-7)
+    save_model([model], cfg, trained)
+    runtime.destroy()
+    lines = []
+    back = work / "hf_back" / "bf16_trained_norm"
+    convert_megatron_to_hf(trained, back, with_tokenizer=False, log=lines.append)
+    exported = hf_tensors(back)
+    assert exported["model.norm.weight"].dtype == torch.bfloat16
+    warned = [line for line in lines if "exporting bf16 rounds the checkpoint's fp32 weights" in line]
+    assert len(warned) == 1 and "model.norm.weight" in warned[0], lines
+    measured = float(warned[0].split("max |change| ")[1].split()[0])
+    assert 1e-5 < measured <= 2**-8, warned  # the update's size up to bf16 rounding (half a step at 1-2)
+    print(f"export   bf16 run whose fp32 norms moved: {warned[0]}", flush=True)
 
 
 def check_training_checkpoint(work: Path) -> None:
