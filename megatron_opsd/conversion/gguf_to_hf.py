@@ -14,6 +14,7 @@ and renamed; an existing non-empty ``out`` is refused (the GGUF file itself is o
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -56,6 +57,16 @@ def resolve_dtype(dtype: str, tensor_types: set[str]) -> str:
         return dtype
     kinds = {_UNQUANTIZED.get(t, "quantized") for t in tensor_types} - {None}
     return kinds.pop() if kinds in ({"fp16"}, {"bf16"}) else "fp32"
+
+
+def _portable_tokenizer_class(path: Path) -> None:
+    """transformers 5 names the GGUF tokenizer's class ``TokenizersBackend``, which 4.x cannot load;
+    ``PreTrainedTokenizerFast`` (the same tokenizer.json) loads in both."""
+    if path.is_file():
+        config = json.loads(path.read_text())
+        if config.get("tokenizer_class") == "TokenizersBackend":
+            config["tokenizer_class"] = "PreTrainedTokenizerFast"
+            path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def convert_gguf_to_hf(gguf_file: str | Path, out: str | Path, *, dtype: str = "auto",
@@ -105,6 +116,7 @@ def convert_gguf_to_hf(gguf_file: str | Path, out: str | Path, *, dtype: str = "
     config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    _portable_tokenizer_class(tmp / "tokenizer_config.json")
     publish(tmp, out)
     log(f"converted {gguf_file} -> {out} ({config.model_type}, {config.dtype}, {len(writer.files)} file(s), "
         f"{time.time() - start:.1f}s)")
