@@ -21,8 +21,8 @@ import torch.distributed as dist
 from megatron_opsd import checkpoint as ckpt
 from megatron_opsd.config import JobConfig, help_text, load_config
 from megatron_opsd.config_io import ConfigError, to_dict
-from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_boxed
 from megatron_opsd.conversion.files import DEFAULT_TOKENIZER_PATH, find_tokenizer_dir, model_tokenizer
+from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_boxed
 from megatron_opsd.data import load_splits, load_tokenizer
 from megatron_opsd.data.contexts import OPSDPair, build_pair
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
