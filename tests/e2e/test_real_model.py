@@ -26,9 +26,11 @@ from tests.harness import REPO_ROOT, run_torchrun, worker_env
 
 TOOLS = REPO_ROOT / "tools"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# The same fp32 weights through two implementations: summation order only. Measured: 0.0 at TP1,
-# ~1e-5 at TP3/PP2 on logits of magnitude ~20; 1e-4 is the verifier's default.
-ATOL = 1e-4
+# The same fp32 weights through two implementations: summation order only. Measured max |dlogit|:
+# 0.0 at TP1 and PP2; 8.4e-5 at TP3 (row-parallel partial sums over 3 ranks, 30 layers, logits of
+# magnitude ~20: ~4e-6 relative). A mapping error moves logits by O(1) (tests/distributed/test_conversion.py).
+ATOL_TP1 = 1e-5
+ATOL_SHARDED = 5e-4
 PROMPTS = ["What is 2+3?", "Name a prime number larger than 10.", "Hi"]
 
 
@@ -70,7 +72,8 @@ def smollm2(tmp_path_factory) -> tuple[Path, Path, Path]:
 
 def verify(hf: Path, meg: Path, tmp: Path, tp: int = 1, pp: int = 1) -> dict:
     report = tmp / f"verify_tp{tp}_pp{pp}.json"
-    args = ["--hf-dir", hf, "--megatron-dir", meg, "--tp", tp, "--pp", pp, "--atol", ATOL, "--seq-len", 48,
+    atol = ATOL_TP1 if tp * pp == 1 else ATOL_SHARDED
+    args = ["--hf-dir", hf, "--megatron-dir", meg, "--tp", tp, "--pp", pp, "--atol", atol, "--seq-len", 48,
             "--json", report]
     if tp * pp == 1:
         out = run_tool(TOOLS / "verify_conversion.py", *args).stdout
@@ -119,7 +122,7 @@ def test_gguf_to_hf_writes_the_dequantized_model(smollm2):
 
 def test_conversion_parity_tp1(smollm2, tmp_path):
     _, hf, meg = smollm2
-    assert verify(hf, meg, tmp_path)["max_abs_diff"] <= ATOL
+    assert verify(hf, meg, tmp_path)["max_abs_diff"] <= ATOL_TP1
 
 
 @pytest.mark.distributed
@@ -185,4 +188,4 @@ def test_opsd_step_then_export_reloads_in_transformers(smollm2, tmp_path):
     assert transformers.AutoTokenizer.from_pretrained(export).get_vocab() == \
         transformers.AutoTokenizer.from_pretrained(hf).get_vocab()
     metrics = verify(export, run / "ckpt", tmp_path)
-    assert metrics["max_abs_diff"] <= ATOL
+    assert metrics["max_abs_diff"] <= ATOL_TP1
