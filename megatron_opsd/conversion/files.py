@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 # Copied verbatim between HF and megatron directories when present.
@@ -131,11 +133,26 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
     return out
 
 
+@contextmanager
+def staging(out: Path):
+    """A fresh directory next to ``out`` to write the output into: published as ``out`` when the block
+    ends, removed when it raises. Only paths this creates are ever deleted (a user's ``<out>.tmp``
+    or ``<out>.old`` is left alone)."""
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish(tmp, out)
+
+
 def publish(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` directory to ``out``, replacing an existing ``out``."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
+    old = None
     if out.exists():
-        out.rename(old)
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        out.rename(old / out.name)
     tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

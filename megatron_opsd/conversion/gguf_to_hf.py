@@ -15,13 +15,12 @@ and renamed; an existing non-empty ``out`` is refused (the GGUF file itself is o
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from megatron_opsd.conversion.files import check_output_dir, publish
+from megatron_opsd.conversion.files import check_output_dir, staging
 from megatron_opsd.conversion.safetensors_io import ShardedWriter, TensorSpec, parse_size
 from megatron_opsd.models.description import FAMILIES, ModelConfig
 
@@ -101,23 +100,20 @@ def convert_gguf_to_hf(gguf_file: str | Path, out: str | Path, *, dtype: str = "
         state.pop("lm_head.weight", None)  # the same tensor as the embedding; transformers re-ties it
     specs = [TensorSpec(k, target, tuple(v.shape)) for k, v in state.items()]
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    writer = ShardedWriter(tmp, specs, max_bytes)
-    for key, value in state.items():
-        writer.write(key, value.to(target))
-    writer.close()
     config.architectures = [FAMILIES[config.model_type][0]]
     config.dtype = str(target).removeprefix("torch.")
     for field in ("quantization_config", "_model_name_or_path"):
         if hasattr(config, field):
             delattr(config, field)
-    config.save_pretrained(tmp)
-    model.generation_config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    _portable_tokenizer_class(tmp / "tokenizer_config.json")
-    publish(tmp, out)
+    with staging(out) as tmp:
+        writer = ShardedWriter(tmp, specs, max_bytes)
+        for key, value in state.items():
+            writer.write(key, value.to(target))
+        writer.close()
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _portable_tokenizer_class(tmp / "tokenizer_config.json")
     log(f"converted {gguf_file} -> {out} ({config.model_type}, {config.dtype}, {len(writer.files)} file(s), "
         f"{time.time() - start:.1f}s)")
     return out

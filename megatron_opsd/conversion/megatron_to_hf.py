@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
 from megatron_opsd.conversion.files import (check_output_dir, copy_tokenizer_files, find_tokenizer_dir,
-                                            has_tokenizer, publish)
+                                            has_tokenizer, staging)
 from megatron_opsd.conversion.safetensors_io import ShardedWriter, TensorSpec, parse_size
 from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.hf_mapping import ConversionError, unsharded_to_hf
@@ -235,32 +234,27 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
         # The plan (names, shapes, shard boundaries) comes from the mapping run on meta tensors.
         specs = [TensorSpec(n, target, tuple(t.shape))
                  for n, t in unsharded_to_hf(stream_unsharded(megatron_dir, cfg, meta=True), cfg)]
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        writer = ShardedWriter(tmp, specs, max_bytes)
         # The largest change the cast makes to a weight: a bf16 run's fp32 norms, which training moved
         # off the bf16 grid, or any weight under a narrower --dtype.
         rounding = (0.0, "", target)
-        with torch.no_grad():
+        with staging(out) as tmp, torch.no_grad():
+            writer = ShardedWriter(tmp, specs, max_bytes)
             for name, tensor in unsharded_to_hf(stream_unsharded(megatron_dir, cfg), cfg):
                 cast = tensor.to(target)
                 if tensor.dtype != target and tensor.numel():
                     change = (cast.to(tensor.dtype) - tensor).abs().max().item()
                     rounding = max(rounding, (change, name, tensor.dtype), key=lambda r: r[0])
                 writer.write(name, cast)
-        writer.close()
+            writer.close()
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
+            if tokenizer_source is not None:
+                copy_tokenizer_files(tokenizer_source, tmp)
     finally:
         runtime.destroy()
     change, where, source = rounding
     if change > 0:
         log(f"warning: exporting {_dtype_name(target)} rounds the checkpoint's {_dtype_name(source)} weights: "
             f"max |change| {change:.3e} ({where}); --dtype {_dtype_name(source)} keeps them exactly")
-
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
-    if tokenizer_source is not None:
-        copy_tokenizer_files(tokenizer_source, tmp)
-    publish(tmp, out)
     log(f"converted {megatron_dir} -> {out} ({cfg.model_type}, {str(target).removeprefix('torch.')}, "
         f"{len(writer.files)} file(s), "
         f"{time.time() - start:.1f}s)")
