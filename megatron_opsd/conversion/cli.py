@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _dtype_arg(parser: argparse.ArgumentParser, what: str) -> None:
@@ -43,14 +44,36 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="5GB",
                         help="largest safetensors file (e.g. 5GB, 500MB); above it: shards + index")
     parser.add_argument("--tokenizer-dir", default=None,
-                        help="take tokenizer files from here (default: --megatron-dir)")
+                        help="take tokenizer files from here (default: the checkpoint's own, else the "
+                             "tokenizer directory or base model named by the run's saved config)")
+    parser.add_argument("--no-tokenizer", action="store_true",
+                        help="export weights and config only (an HF directory AutoTokenizer cannot load)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
     from megatron_opsd.conversion.megatron_to_hf import convert_megatron_to_hf
 
     convert_megatron_to_hf(args.megatron_dir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
-                           tokenizer_dir=args.tokenizer_dir, force=args.force)
+                           tokenizer_dir=args.tokenizer_dir, with_tokenizer=not args.no_tokenizer,
+                           force=args.force)
+    return 0
+
+
+def gguf_to_hf_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Write an ordinary Hugging Face directory (safetensors, config.json, generation config, "
+                    "tokenizer with its chat template) from a GGUF file of a supported family (Llama, "
+                    "Qwen2, Qwen3, Mistral); quantized tensors are dequantized.")
+    parser.add_argument("--gguf", required=True, help="the .gguf file (only read)")
+    parser.add_argument("--out", required=True, help="output HF directory (must not exist or be empty)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="weights dtype; auto: fp16/bf16 when the GGUF stores its matrices so, else fp32")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (e.g. 5GB, 500MB)")
+    args = parser.parse_args(argv)
+
+    from megatron_opsd.conversion.gguf_to_hf import convert_gguf_to_hf
+
+    convert_gguf_to_hf(args.gguf, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size)
     return 0
 
 
@@ -84,6 +107,8 @@ def verify_main(argv: list[str] | None = None) -> int:
 
 def run(main) -> None:
     """Entry point wrapper: errors in user input print one line instead of a traceback."""
+    # megatron-core warns at import on every machine without TE/apex: noise above the one line.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     try:
         code = main()
     except (ValueError, FileNotFoundError, FileExistsError) as exc:

@@ -9,8 +9,9 @@ saving adds one parameter's copy (``standalone_sharded_state_dict``) and the wri
 footprint (Qwen2.5-0.5B shapes, bf16: 1.46x the model's bytes in RSS, 0.38x of it the interpreter).
 
 Output directory: the dist checkpoint, ``model.json`` (the model description, an HF config dict),
-the tokenizer files found in the HF directory, and ``conversion.json`` (source, dtype and the layout
-the user asked for, validated against the model shape). Written to ``<out>.tmp`` and renamed.
+the tokenizer files found in the HF directory, and ``conversion.json`` (source, dtype, the layout
+the user asked for, validated against the model shape, and the tokenizer's fingerprint: size,
+special ids, vocabulary hash, checked when a tokenizer is later given for this model). Written to ``<out>.tmp`` and renamed.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_opsd.conversion.files import check_output_dir, copy_tokenizer_files
+from megatron_opsd.conversion.files import check_output_dir, copy_tokenizer_files, has_tokenizer
+from megatron_opsd.data.tokenizer import load_tokenizer
 from megatron_opsd.conversion.safetensors_io import checkpoint_infos, read_tensors
 from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.hf_mapping import MEGATRON_IGNORED, ConversionError, hf_to_unsharded
@@ -150,6 +152,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
         [model] = build_model(cfg, runtime, ModelBuildConfig(dtype=dtype, init_weights=False,
                                                               transformer_engine="off"))
         load_hf_into(model, hf_dir, cfg)
+        fingerprint = load_tokenizer(hf_dir).fingerprint() if has_tokenizer(hf_dir) else None
         record = {"source": str(hf_dir.resolve()), "direction": "hf_to_megatron", "dtype": dtype,
                   "layout": {"tp": layout.tp, "pp": layout.pp, "vpp": layout.vpp}, "max_seq_len": max_seq_len,
                   "note": "the checkpoint loads at any TP/PP/VPP layout; 'layout' is the one requested"}
@@ -158,7 +161,8 @@ def convert_hf_to_megatron(hf_dir: str | Path, out: str | Path, *, tp: int = 1, 
             dist_checkpointing.save(standalone_sharded_state_dict(model), str(tmp))
             write_model_json(cfg, tmp)
             copied = copy_tokenizer_files(hf_dir, tmp)
-            (tmp / CONVERSION_JSON).write_text(json.dumps({**record, "tokenizer_files": copied}, indent=2))
+            (tmp / CONVERSION_JSON).write_text(json.dumps({**record, "tokenizer_files": copied,
+                                                           "tokenizer_fingerprint": fingerprint}, indent=2))
 
         atomic_save(write, out)
     finally:

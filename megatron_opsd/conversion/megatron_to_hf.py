@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from megatron_opsd.conversion.files import check_output_dir, copy_tokenizer_files, publish
+from megatron_opsd.conversion.files import (check_output_dir, copy_tokenizer_files, find_tokenizer_dir,
+                                            has_tokenizer, staging)
 from megatron_opsd.conversion.safetensors_io import ShardedWriter, TensorSpec, parse_size
 from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.hf_mapping import ConversionError, unsharded_to_hf
@@ -99,9 +99,28 @@ def resolve_checkpoint_dir(directory: str | Path, log=print) -> Path:
 
 
 def checkpoint_dtype(megatron_dir: str | Path) -> torch.dtype:
-    """The stored dtype of the model's weights."""
+    """The stored dtype of the model's weight matrices (a bf16/fp16 model keeps its norms in fp32)."""
     _, tensors = model_tensor_metadata(megatron_dir)
     return tensors[_ANCHOR].dtype
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+def export_tokenizer_dir(megatron_dir: Path, tokenizer_dir: str | Path | None) -> Path:
+    """The directory whose tokenizer files the export carries: ``tokenizer_dir`` when given, else the
+    checkpoint's own or its run's base model's (``files.find_tokenizer_dir``); refuses when none."""
+    if tokenizer_dir is not None:
+        if not has_tokenizer(tokenizer_dir):
+            raise ValueError(f"--tokenizer-dir {tokenizer_dir} holds no tokenizer.json/tokenizer_config.json")
+        return Path(tokenizer_dir)
+    found = find_tokenizer_dir(megatron_dir)
+    if found is None:
+        raise ValueError(f"{megatron_dir} holds no tokenizer files and its run config names no HF tokenizer "
+                         "directory: pass --tokenizer-dir DIR (e.g. the HF model the run started from), or "
+                         "--no-tokenizer to export the weights alone")
+    return found
 
 
 def stream_unsharded(megatron_dir: str | Path, cfg: ModelConfig, *, meta: bool = False):
@@ -145,15 +164,42 @@ def load_into(chunks: list[torch.nn.Module], megatron_dir: str | Path, prefix: s
     Through megatron-core's ``sharded_state_dict`` (resharding to the chunks' layout); other state in
     the checkpoint (optimizer, ...) is not read. Casts to the chunks' dtype.
     """
-    from megatron_opsd.checkpoint import load_module_state, load_sharded
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from megatron_opsd.checkpoint import load_module_state
 
     if prefix is None:
         prefix, _ = checkpoint_model_info(megatron_dir)
     # ShardedTensor keys are global (layer offsets included), so the nesting of this dict is free.
     sharded = {f"chunk{i}": c.sharded_state_dict(prefix=prefix) for i, c in enumerate(chunks)}
-    state = load_sharded(sharded, megatron_dir, allow_unrequested=True)
+    # megatron-core's words: "unexpected" = requested but absent from the checkpoint; "missing" = in
+    # the checkpoint but not requested (a training checkpoint's optimizer, teacher, RNG: expected).
+    state, not_requested, absent = dist_checkpointing.load(sharded, str(megatron_dir),
+                                                           strict=StrictHandling.RETURN_ALL)
+    check_model_keys(megatron_dir, prefix, absent, not_requested)
     for i, chunk in enumerate(chunks):
         load_module_state(chunk, {k[len(prefix):]: v for k, v in state[f"chunk{i}"].items()})
+
+
+def check_model_keys(megatron_dir, prefix: str, absent: set[str], not_requested: set[str]) -> None:
+    """Refuse a checkpoint that lacks tensors the model needs, or holds model tensors (under ``prefix``)
+    the model does not have (another model shape or family); other state is ignored."""
+    import torch.distributed as dist
+
+    foreign = sorted(k for k in not_requested if k.startswith(prefix) and
+                     k[len(prefix):].startswith(_MODEL_NAMESPACES) and not k.endswith("_extra_state"))
+    # a TE-spec model asks for _extra_state (FP8 metadata) that local-spec checkpoints lack: optional
+    absent = {k for k in absent if not (k[0] if isinstance(k, tuple) else k).endswith("_extra_state")}
+    flags = torch.tensor([float(bool(absent))])
+    if dist.is_initialized():  # "absent" may differ across ranks: every rank raises or none
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    if flags.item():
+        raise ConversionError(f"{megatron_dir}: the checkpoint lacks model tensor(s) "
+                              f"{sorted(absent)[:8] or '(on another rank)'}")
+    if foreign:
+        raise ConversionError(f"{megatron_dir}: the checkpoint holds model tensor(s) this model does not have: "
+                              f"{foreign[:8]} (model.json describes another model?)")
 
 
 def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
@@ -170,7 +216,7 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str = "auto",
                            max_shard_size: str | int = "5GB", tokenizer_dir: str | Path | None = None,
-                           force: bool = False, log=print) -> Path:
+                           with_tokenizer: bool = True, force: bool = False, log=print) -> Path:
     """Convert the checkpoint in ``megatron_dir`` to an HF directory ``out``; return ``out``."""
     from megatron_opsd.checkpoint import read_model_json
     from megatron_opsd.parallel import ParallelConfig, init_parallel
@@ -180,10 +226,11 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
     if dtype != "auto" and dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype!r}: choose auto, fp32, bf16 or fp16")
     start = time.time()
+    max_bytes = parse_size(max_shard_size)
     megatron_dir = resolve_checkpoint_dir(megatron_dir, log)
     out = check_output_dir(out, force)
     cfg = read_model_json(megatron_dir)
-    max_bytes = parse_size(max_shard_size)
+    tokenizer_source = export_tokenizer_dir(megatron_dir, tokenizer_dir) if with_tokenizer else None
 
     runtime = init_parallel(ParallelConfig())  # dist_checkpointing.load needs a process group
     try:
@@ -191,22 +238,27 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
         # The plan (names, shapes, shard boundaries) comes from the mapping run on meta tensors.
         specs = [TensorSpec(n, target, tuple(t.shape))
                  for n, t in unsharded_to_hf(stream_unsharded(megatron_dir, cfg, meta=True), cfg)]
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        writer = ShardedWriter(tmp, specs, max_bytes)
-        with torch.no_grad():
+        # The largest change the cast makes to a weight: a bf16 run's fp32 norms, which training moved
+        # off the bf16 grid, or any weight under a narrower --dtype.
+        rounding = (0.0, "", target)
+        with staging(out) as tmp, torch.no_grad():
+            writer = ShardedWriter(tmp, specs, max_bytes)
             for name, tensor in unsharded_to_hf(stream_unsharded(megatron_dir, cfg), cfg):
-                writer.write(name, tensor.to(target))
-        writer.close()
+                cast = tensor.to(target)
+                if tensor.dtype != target and tensor.numel():
+                    change = (cast.to(tensor.dtype) - tensor).abs().max().item()
+                    rounding = max(rounding, (change, name, tensor.dtype), key=lambda r: r[0])
+                writer.write(name, cast)
+            writer.close()
+            (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
+            if tokenizer_source is not None:
+                copy_tokenizer_files(tokenizer_source, tmp)
     finally:
         runtime.destroy()
-
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, target), indent=2) + "\n")
-    copied = copy_tokenizer_files(tokenizer_dir or megatron_dir, tmp)
-    if not copied:
-        log(f"warning: no tokenizer files in {tokenizer_dir or megatron_dir}: pass --tokenizer-dir")
-    publish(tmp, out)
+    change, where, source = rounding
+    if change > 0:
+        log(f"warning: exporting {_dtype_name(target)} rounds the checkpoint's {_dtype_name(source)} weights: "
+            f"max |change| {change:.3e} ({where}); --dtype {_dtype_name(source)} keeps them exactly")
     log(f"converted {megatron_dir} -> {out} ({cfg.model_type}, {str(target).removeprefix('torch.')}, "
         f"{len(writer.files)} file(s), "
         f"{time.time() - start:.1f}s)")

@@ -128,10 +128,15 @@ def parse_size(size: str | int) -> int:
         return size
     text = size.strip().upper()
     units = {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, factor in units.items():
-        if text.endswith(unit):
-            return int(float(text[: -len(unit)]) * factor)
-    return int(text)
+    unit = next((u for u in units if text.endswith(u)), "")
+    try:
+        value = int(float(text[: len(text) - len(unit)]) * units.get(unit, 1))
+    except (ValueError, OverflowError):  # not a number; inf
+        value = 0
+    if value <= 0:
+        raise ValueError(f"--max-shard-size {size!r}: expected a positive size such as 5GB, 500MB, 1.5GiB or a "
+                         "byte count")
+    return value
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
 """Run the original HF model and the converted megatron checkpoint on the same tokens; compare logits.
 
 The HF side is transformers' own implementation (eager attention, fp32): the independent reference.
+A checkpoint stored in bf16/fp16 is compared with the HF weights rounded to that dtype (what a correct
+conversion to it holds), both computed in fp32, so the fp32 tolerance applies and the line says so.
 The megatron side loads the dist checkpoint at the requested TP/PP layout (under torchrun, world size
 a multiple of tp*pp; or a single process for TP=1/PP=1) and runs megatron-core's forward schedule.
 Vocab-sharded logits are gathered here, for the comparison only; TP padding columns are dropped.
@@ -103,12 +105,18 @@ def megatron_logits(chunks: list[torch.nn.Module], runtime, tokens_bl: torch.Ten
     return torch.cat(parts, dim=-1)
 
 
-def hf_reference_logits(hf_dir: str | Path, tokens_bl: torch.Tensor) -> torch.Tensor:
+def hf_reference_logits(hf_dir: str | Path, tokens_bl: torch.Tensor,
+                        round_to: torch.dtype = torch.float32) -> torch.Tensor:
+    """transformers' fp32 logits; with ``round_to`` the weights are first rounded to that dtype, as a
+    conversion to it rounds them (except norms: megatron keeps them in fp32), and computed in fp32."""
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(
         hf_dir, dtype=torch.float32, attn_implementation="eager").eval()
     with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(param.to(round_to).float())
         return model(input_ids=tokens_bl, use_cache=False).logits
 
 
@@ -126,7 +134,7 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
            batch_size: int = 2, seq_len: int = 64, seed: int = 0, log=print) -> tuple[Comparison, bool]:
     """Compare logits; every rank returns the same (comparison, passed). Collective under torchrun."""
     from megatron_opsd.checkpoint import read_model_json
-    from megatron_opsd.conversion.megatron_to_hf import load_into, resolve_checkpoint_dir
+    from megatron_opsd.conversion.megatron_to_hf import checkpoint_dtype, load_into, resolve_checkpoint_dir
     from megatron_opsd.models.provider import ModelBuildConfig, build_model
     from megatron_opsd.parallel import ParallelConfig, init_parallel
 
@@ -148,12 +156,13 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
         for chunk in chunks:
             chunk.eval()
         load_into(chunks, megatron_dir)
+        stored = checkpoint_dtype(megatron_dir)
         logits = megatron_logits(chunks, runtime, tokens_bl)
         # One rank (last stage, TP rank 0, first DP replica) computes the reference and the metrics.
         judge = runtime.is_last_stage and runtime.tp_rank == 0 and runtime.dp_rank == 0
         result = torch.zeros(5, dtype=torch.float64, device=runtime.device)
         if judge:  # the HF reference runs on the CPU
-            reference = hf_reference_logits(hf_dir, tokens_bl)
+            reference = hf_reference_logits(hf_dir, tokens_bl, round_to=stored)
             c = compare_logits(reference, logits[..., :cfg.vocab_size].cpu())
             result = torch.tensor([c.max_abs_diff, c.mean_kl, c.argmax_agreement, c.num_tokens, 1.0],
                                   dtype=torch.float64, device=runtime.device)
@@ -162,7 +171,11 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
         comparison = Comparison(result[0].item(), result[1].item(), result[2].item(), int(result[3]))
         passed = comparison.passed(atol) and not differences
         if rank0:
-            log(f"verify TP={tp} PP={pp}: {comparison.line()} -> {'PASS' if passed else 'FAIL'} (atol={atol:g})")
+            name = str(stored).removeprefix("torch.")
+            compared = ("fp32 weights" if stored == torch.float32 else
+                        f"{name} checkpoint vs HF weights rounded to {name}; both computed in fp32")
+            log(f"verify TP={tp} PP={pp} ({compared}): {comparison.line()} -> {'PASS' if passed else 'FAIL'} "
+                f"(atol={atol:g})")
         return comparison, passed
     finally:
         runtime.destroy()

@@ -10,6 +10,7 @@ writes it itself).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -63,6 +64,29 @@ class Tokenizer(ABC):
                 "Use the tokenizer that belongs to this checkpoint, or a model with vocab_size >= "
                 f"{self.vocab_size}.")
 
+    @abstractmethod
+    def pieces(self) -> list[str]:
+        """Every token's string, by id (the vocabulary in id order)."""
+
+    def fingerprint(self) -> dict:
+        """What a model needs to match: size, special ids and a hash of the vocabulary (id order)."""
+        digest = hashlib.sha256(json.dumps(self.pieces(), ensure_ascii=False).encode()).hexdigest()
+        return {"vocab_size": self.vocab_size, "eos_id": self.eos_id, "pad_id": self.pad_id,
+                "vocab_sha256": digest}
+
+    def check_fingerprint(self, recorded: dict, where: str) -> None:
+        """Refuse this tokenizer when it differs from the ``recorded`` fingerprint (read from ``where``)."""
+        mine = self.fingerprint()
+        def shown(value):  # a hash is told apart by its first digits
+            return repr(value[:12] + "...") if isinstance(value, str) and len(value) > 16 else repr(value)
+
+        differences = [f"{key} {shown(mine.get(key))} vs {shown(value)}" for key, value in recorded.items()
+                       if mine.get(key) != value]
+        if differences:
+            raise ValueError(f"tokenizer {self.path} is not the model's tokenizer recorded in {where} "
+                             f"({'; '.join(differences)}; this tokenizer vs the model's): use the tokenizer "
+                             "stored with the model (leave data.tokenizer_path / --tokenizer unset)")
+
     def _plain_prompt(self, user_text: str, enable_thinking: bool, vocab: set[str]) -> str:
         """A ChatML turn when the vocabulary has its markers, else a bare ``User:/Assistant:`` one."""
         if IM_START in vocab and IM_END in vocab:
@@ -108,6 +132,10 @@ class HFTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False)
 
+    def pieces(self) -> list[str]:
+        by_id = {i: t for t, i in self._tok.get_vocab().items()}
+        return [by_id.get(i, "") for i in range(self.vocab_size)]
+
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
@@ -144,6 +172,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text, out_type=int)
+
+    def pieces(self) -> list[str]:
+        return [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._sp.decode_ids(list(ids))

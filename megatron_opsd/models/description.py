@@ -149,8 +149,18 @@ class ModelConfig:
     def from_hf(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
-        with open(file) as f:
-            return cls.from_hf_dict(json.load(f))
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} does not exist: not a Hugging Face model directory")
+        try:
+            hf = json.loads(file.read_bytes().decode("utf-8"))
+        except ValueError as exc:  # JSON syntax, not UTF-8
+            raise ValueError(f"{file}: not valid JSON ({exc})") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{file}: expected a JSON object, found {type(hf).__name__}")
+        try:
+            return cls.from_hf_dict(hf)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{file}: {exc}") from None
 
     def to_hf_dict(self) -> dict:
         arch, _, _ = FAMILIES[self.model_type]

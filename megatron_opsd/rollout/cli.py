@@ -36,8 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--tokenizer", default=None,
-                        help="HF tokenizer directory or sentencepiece .model (default: the checkpoint "
-                             "directory, if it holds tokenizer files)")
+                        help="HF tokenizer directory or sentencepiece .model (default: the tokenizer "
+                             "stored with the model; one given here must match it)")
     parser.add_argument("--raw", action="store_true", help="encode 'prompt' text as is (no chat template)")
     parser.add_argument("--enable-thinking", action="store_true",
                         help="render prompts with thinking on (templates that support it)")
@@ -54,36 +54,61 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def read_prompts(path: str | Path, tokenizer, *, raw: bool, enable_thinking: bool) -> list[tuple[dict, list[int]]]:
-    """(record, prompt ids) per line of ``path``."""
+def read_prompts(path: str | Path, tokenizer, *, raw: bool, enable_thinking: bool,
+                 vocab_size: int) -> list[tuple[dict, list[int]]]:
+    """(record, prompt ids) per line of ``path``; a bad line is refused naming ``path:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompts {path}: no such file")
     out = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    # Lines are split on "\n" only: JSON strings may hold other Unicode line separators.
+    for n, raw_line in enumerate(path.read_bytes().split(b"\n"), start=1):
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (byte {exc.start + 1} of the line)") from None
         if not line.strip():
             continue
-        record = json.loads(line)
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object with 'prompt' or 'prompt_ids'")
         if "prompt_ids" in record:
-            ids = [int(t) for t in record["prompt_ids"]]
+            ids = record["prompt_ids"]
+            if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
+                raise ValueError(f"{path}:{n}: 'prompt_ids' must be a non-empty list of integers")
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{path}:{n}: 'prompt_ids' holds {bad[:4]}, outside the model's vocabulary "
+                                 f"[0, {vocab_size})")
         elif "prompt" in record:
+            text = record["prompt"]
+            if not isinstance(text, str) or not text:
+                raise ValueError(f"{path}:{n}: 'prompt' must be a non-empty string")
             if tokenizer is None:
                 raise ValueError(f"{path}:{n} has a text 'prompt' but no tokenizer was found: pass --tokenizer")
-            text = record["prompt"]
             ids = tokenizer.encode(text) if raw else tokenizer.render_prompt(text, enable_thinking=enable_thinking)
         else:
             raise ValueError(f"{path}:{n}: each line needs 'prompt' (text) or 'prompt_ids' (token ids)")
         out.append((record, ids))
     if not out:
-        raise ValueError(f"{path} holds no prompts")
+        raise ValueError(f"--prompts {path} holds no prompts")
     return out
 
 
-def find_tokenizer(path: str | None, checkpoint: Path):
-    from megatron_opsd.data.tokenizer import load_tokenizer
-
-    if path is not None:
-        return load_tokenizer(path)
-    if (checkpoint / "tokenizer_config.json").is_file() or (checkpoint / "tokenizer.json").is_file():
-        return load_tokenizer(checkpoint)
-    return None
+def check_output_path(out: str | Path, inputs: list[Path]) -> Path:
+    """Refuse an ``--out`` that is, or lies inside, one of the ``inputs`` (files or directories)."""
+    out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory: name a file")
+    resolved = out.resolve()
+    for item in inputs:
+        item = item.resolve()
+        if resolved == item or item.is_dir() and resolved.is_relative_to(item):
+            raise ValueError(f"--out {out} would write into the input {item}: choose another output file")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
     from megatron_opsd.checkpoint import LATEST, latest_checkpoint, load_weights, read_model_json
+    from megatron_opsd.conversion.files import find_tokenizer_dir, model_tokenizer
     from megatron_opsd.models.provider import ModelBuildConfig, build_model
     from megatron_opsd.parallel import ParallelConfig, init_parallel
     from megatron_opsd.rollout import MegatronRolloutEngine, SampleKey, SamplingParams
@@ -99,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     load = Path(args.load)
     step_dir = latest_checkpoint(load) if (load / LATEST).is_file() else load
     cfg = read_model_json(step_dir)
-    tokenizer = find_tokenizer(args.tokenizer, step_dir)
-    if tokenizer is not None:
-        tokenizer.check_model_vocab(cfg.vocab_size)
-    requests = read_prompts(args.prompts, tokenizer, raw=args.raw, enable_thinking=args.enable_thinking)
+    inputs = [Path(args.prompts), load, step_dir] + ([Path(args.tokenizer)] if args.tokenizer else [])
+    check_output_path(args.out, inputs)
+    # The model's own tokenizer by default; one given with --tokenizer must match it.
+    tokenizer = model_tokenizer(args.tokenizer, find_tokenizer_dir(step_dir) or step_dir, cfg.vocab_size)
+    requests = read_prompts(args.prompts, tokenizer, raw=args.raw, enable_thinking=args.enable_thinking,
+                            vocab_size=cfg.vocab_size)
     stop_ids = args.stop_ids if args.stop_ids is not None else sorted(tokenizer.stop_ids) if tokenizer else []
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                               greedy=args.greedy, max_new_tokens=args.max_new_tokens, stop_ids=tuple(stop_ids),

@@ -70,7 +70,9 @@ def test_convert_round_trip_logits_and_verifier(converted):
     assert "conversion single: all checks passed" in out, out[-5000:]
     for family in ("llama", "qwen2", "qwen3", "mistral"):
         assert f"{family:<8} hf->megatron->hf bit-exact" in out, f"{family} round trip did not run:\n{out}"
-    for line in ("auto keeps bf16", "training checkpoint", "verifier good qwen2",
+    for line in ("auto keeps bf16", "training checkpoint", "verifier good qwen2", "verifier on a training checkpoint",
+                 "verifies against bf16-rounded HF weights", "--dtype bf16 warns", "fp32 norms moved",
+                 "carries the run's tokenizer",
                  "verifier broken k<->v (import-only; round trip differs): caught",
                  "verifier broken k<->v (symmetric; round trip bit-exact): caught",
                  "longer than the sliding window are refused"):

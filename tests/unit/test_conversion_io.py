@@ -195,3 +195,23 @@ def test_existing_output_is_refused_without_force(tmp_path):
     with pytest.raises(FileExistsError, match="--force"):
         megatron_to_hf_main(["--megatron-dir", str(tmp_path / "hf"), "--out", str(out)])
     assert (out / "keep.txt").read_text() == "user data"
+
+
+def test_staging_publishes_or_cleans_up_and_leaves_neighbours_alone(tmp_path):
+    from megatron_opsd.conversion.files import staging
+
+    out = tmp_path / "model"
+    for neighbour in ("model.tmp", "model.old"):  # a user's directories next to the output
+        (tmp_path / neighbour).mkdir()
+        (tmp_path / neighbour / "keep.txt").write_text("user data")
+    with pytest.raises(RuntimeError):
+        with staging(out) as tmp:
+            (tmp / "half.bin").write_text("partial")
+            raise RuntimeError("interrupted")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.old", "model.tmp"]
+    for version in ("first", "second"):  # the second replaces the first (as --force does)
+        with staging(out) as tmp:
+            (tmp / "weights.bin").write_text(version)
+    assert (out / "weights.bin").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old", "model.tmp"]
+    assert all((tmp_path / n / "keep.txt").read_text() == "user data" for n in ("model.old", "model.tmp"))

@@ -128,6 +128,61 @@ def check_dtypes(work: Path) -> None:
     print("bf16     auto keeps bf16; fp32 checkpoint -> bf16 export; both bit-exact; bf16 checkpoint verifies "
           f"({comparison.line()})", flush=True)
 
+    # An fp32 model converted to bf16: the verifier compares against the HF weights rounded to bf16
+    # (what a correct conversion holds) and says so; the fp32 tolerance still applies.
+    from megatron_opsd.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    hf32, meg16 = work / "hf" / "qwen2", work / "meg" / "qwen2_as_bf16"
+    hf_to_megatron_main(["--hf-dir", str(hf32), "--out", str(meg16), "--dtype", "bf16"])
+    lines = []
+    comparison, passed = verify(hf32, meg16, seq_len=SEQ, atol=ATOL_TP1, log=lines.append)
+    assert passed and "bfloat16 checkpoint vs HF weights rounded to bfloat16" in lines[-1], lines
+    print(f"bf16     conversion of an fp32 model verifies against bf16-rounded HF weights: {lines[-1]}", flush=True)
+    # Export keeps the stored dtype by default; a narrower --dtype warns with the measured rounding.
+    for export_dtype in ("auto", "bf16"):
+        lines = []
+        back = work / "hf_back" / f"qwen2_fp32_as_{export_dtype}"
+        convert_megatron_to_hf(work / "meg" / "qwen2", back, dtype=export_dtype, log=lines.append)
+        stored = {t.dtype for t in hf_tensors(back).values()}
+        warned = [line for line in lines if "rounds the checkpoint's fp32 weights: max |change|" in line]
+        if export_dtype == "auto":
+            assert stored == {torch.float32} and not warned, (stored, lines)
+        else:
+            assert stored == {torch.bfloat16} and len(warned) == 1, (stored, lines)
+            print(f"export   fp32 checkpoint: auto keeps fp32; --dtype bf16 warns: {warned[0]}", flush=True)
+    check_bf16_run_export(work)
+
+
+def check_bf16_run_export(work: Path) -> None:
+    """A bf16 model keeps its norms in fp32, and training moves them off the bf16 grid: the export
+    (bf16 by default) says how much rounding them costs, measured."""
+    from megatron_opsd.checkpoint import load_model, read_model_json, save_model
+    from megatron_opsd.conversion.megatron_to_hf import convert_megatron_to_hf
+    from megatron_opsd.models.provider import ModelBuildConfig, build_model
+    from megatron_opsd.parallel import ParallelConfig, init_parallel
+
+    source, trained = work / "meg" / "bf16_auto", work / "meg" / "bf16_trained_norm"
+    cfg = read_model_json(source)
+    runtime = init_parallel(ParallelConfig(), seed=3)
+    [model] = build_model(cfg, runtime, ModelBuildConfig(dtype="bf16"))
+    load_model([model], source)
+    norm = model.decoder.final_layernorm.weight
+    assert norm.dtype == torch.float32, norm.dtype
+    with torch.no_grad():
+        norm.add_(3e-4)  # an update far below bf16's resolution near 1 (2**-7)
+    save_model([model], cfg, trained)
+    runtime.destroy()
+    lines = []
+    back = work / "hf_back" / "bf16_trained_norm"
+    convert_megatron_to_hf(trained, back, with_tokenizer=False, log=lines.append)
+    exported = hf_tensors(back)
+    assert exported["model.norm.weight"].dtype == torch.bfloat16
+    warned = [line for line in lines if "exporting bf16 rounds the checkpoint's fp32 weights" in line]
+    assert len(warned) == 1 and "model.norm.weight" in warned[0], lines
+    measured = float(warned[0].split("max |change| ")[1].split()[0])
+    assert 1e-5 < measured <= 2**-8, warned  # the update's size up to bf16 rounding (half a step at 1-2)
+    print(f"export   bf16 run whose fp32 norms moved: {warned[0]}", flush=True)
+
 
 def check_training_checkpoint(work: Path) -> None:
     """Training checkpoints: the trainer's own format (``checkpoint.save_training``: student model
@@ -157,8 +212,10 @@ def check_training_checkpoint(work: Path) -> None:
     # the weights do not move) creates it, as the trainer's first step would.
     optimizer = build_optimizer(ddp, runtime, OptimConfig(weight_decay=0.0))
     _materialise_optimizer_state(optimizer)
+    # the run's saved config names its tokenizer (here the converted model, which carries one)
     trained = save_training(work / "train" / "run", 10, chunks=ddp, optimizer=optimizer, teacher_chunks=teacher,
-                            runtime=runtime, model=cfg, common={"note": "test"}, keep_last=0)
+                            runtime=runtime, model=cfg, keep_last=0,
+                            common={"config": {"data": {"tokenizer_path": str(source)}, "train": {"load": None}}})
     runtime.destroy()
     keys = dist_checkpointing.load_tensors_metadata(str(trained)).keys()
     assert any(k.startswith("teacher.") for k in keys) and any(k.startswith("optimizer") for k in keys), keys
@@ -181,8 +238,35 @@ def check_training_checkpoint(work: Path) -> None:
         back = work / "hf_back" / f"train_{name}"
         megatron_to_hf_main(["--megatron-dir", str(directory), "--out", str(back), "--tokenizer-dir", str(original)])
         assert_bit_exact(original, back, f"training checkpoint ({name})", tied=True)
+
+    # Without --tokenizer-dir: the trainer's checkpoint finds the tokenizer through its saved config;
+    # the bare one (no tokenizer, no config) is refused before anything is written.
+    import transformers
+
+    back = work / "hf_back" / "train_tokenizer_found"
+    megatron_to_hf_main(["--megatron-dir", str(trained.parent), "--out", str(back)])
+    found = transformers.AutoTokenizer.from_pretrained(back)
+    assert found.get_vocab() == transformers.AutoTokenizer.from_pretrained(original).get_vocab()
+    refused = work / "hf_back" / "train_no_tokenizer"
+    try:
+        megatron_to_hf_main(["--megatron-dir", str(prefixed), "--out", str(refused)])
+    except ValueError as exc:
+        assert "--tokenizer-dir" in str(exc) and not refused.exists(), exc
+    else:
+        raise AssertionError("export without any tokenizer was not refused")
+    print("training checkpoint export carries the run's tokenizer (from its saved config); none: refused",
+          flush=True)
     print("training checkpoint (trainer format with optimizer and teacher; model under 'model.') "
           "exports the student bit-exact", flush=True)
+
+    # The verifier reads training checkpoints too (run root and step directory): their optimizer and
+    # teacher tensors are checkpoint keys the model does not request, which is no error.
+    from megatron_opsd.conversion.verify import verify
+
+    for name, directory in (("run root", trained.parent), ("step directory", trained)):
+        comparison, passed = verify(original, directory, seq_len=SEQ, atol=ATOL_TP1, log=lambda *a: None)
+        assert passed and comparison.max_abs_diff <= ATOL_TP1, (name, comparison)
+    print(f"verifier on a training checkpoint (run root and step directory): {comparison.line()}", flush=True)
 
 
 def check_verifier(work: Path) -> None:
@@ -247,7 +331,8 @@ def export_resaved(work: Path) -> None:
     for directory in dirs:
         family = directory.name.split("_")[0]
         back = work / "hf_back_resaved" / directory.name
-        megatron_to_hf_main(["--megatron-dir", str(directory), "--out", str(back)])
+        megatron_to_hf_main(["--megatron-dir", str(directory), "--out", str(back),
+                             "--tokenizer-dir", str(work / "hf" / family)])
         tied = read_model_json(directory).tie_word_embeddings
         count = assert_bit_exact(work / "hf" / family, back, directory.name, tied=tied)
         print(f"resaved {directory.name:<20} -> hf bit-exact ({count} tensors)", flush=True)
