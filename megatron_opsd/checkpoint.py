@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_opsd.checkpoint_paths import (LATEST, MODEL_JSON, latest_step, read_model_json, resolve_weights,
+                                            step_dirs)
 from megatron_opsd.models.description import ModelConfig
-
-MODEL_JSON = "model.json"
 
 
 def _chunk_keys(num_chunks: int) -> list[str]:
@@ -93,13 +93,6 @@ def write_model_json(model: ModelConfig, directory: Path) -> None:
     os.replace(tmp, directory / MODEL_JSON)
 
 
-def read_model_json(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / MODEL_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {MODEL_JSON}: not a megatron_opsd model checkpoint")
-    return ModelConfig.from_hf_dict(json.loads(path.read_text()))
-
-
 def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: str | None = None,
                strict: str = "raise_all") -> None:
     """Load model weights saved by ``save_model`` (or, with ``strict="assume_ok_unexpected"``, the model
@@ -126,7 +119,6 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: 
 #                        data cursor, layout; plus model.json
 #   latest               text file naming the newest complete step directory (replaced atomically)
 
-LATEST = "latest"
 # Distributed-optimizer state format. fully_reshardable (gathered per DP group at save) loads at any
 # TP/PP/DP; dp_reshardable (no gather, fully parallel) only at another DP size.
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
@@ -137,13 +129,8 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / MODEL_JSON).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+    """The complete step that ``root/latest`` names; None when there is no pointer."""
+    return latest_step(Path(root)) if (Path(root) / LATEST).is_file() else None
 
 
 def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: bool, with_rng: bool,
@@ -228,10 +215,9 @@ def save_training(root: str | Path, step: int, *, chunks, optimizer, teacher_chu
         pointer_tmp = root / (LATEST + ".tmp")
         pointer_tmp.write_text(target.name)
         os.replace(pointer_tmp, root / LATEST)
-        if keep_last:
-            for old in sorted(root.glob("step_*"))[:-keep_last]:
-                if old.is_dir() and not old.name.endswith((".tmp", ".old")):
-                    shutil.rmtree(old, ignore_errors=True)
+        if keep_last:  # complete steps only: a crashed save's step_*.tmp is no checkpoint
+            for old in step_dirs(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return target
 
@@ -262,9 +248,6 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     return common
 
 
-def load_weights(chunks, directory: str | Path) -> None:
+def load_weights(chunks, directory: str | Path, option: str = "train.load") -> None:
     """Model weights from a converted checkpoint or a training checkpoint (root or step directory)."""
-    directory = Path(directory)
-    if (directory / LATEST).is_file():
-        directory = latest_checkpoint(directory)
-    load_model(chunks, directory, strict="assume_ok_unexpected")
+    load_model(chunks, resolve_weights(directory, option), strict="assume_ok_unexpected")

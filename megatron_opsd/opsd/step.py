@@ -353,6 +353,19 @@ def optimizer_step(optimizer, clip_grad: float, step: int) -> float:
     return grad_norm
 
 
+def check_finite_weights(chunks: list[torch.nn.Module], runtime: ParallelRuntime, step: int) -> None:
+    """After the update: stop if any weight on any rank became NaN/Inf (a finite gradient can still
+    give an infinite update, e.g. with an absurd learning rate). One fused norm per rank and one
+    scalar all-reduce over the world (every rank holds other shards/stages)."""
+    params = [p.detach() for chunk in chunks for p in chunk.parameters()]
+    local = torch.stack(torch._foreach_norm(params)).float().sum() if params else torch.zeros(())
+    flag = torch.tensor([0.0 if torch.isfinite(local) else 1.0], device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise NonFiniteError(f"step {step}: the optimizer update made weights non-finite (NaN/Inf); "
+                             "lower optim.lr or optim.clip_grad")
+
+
 def train_step(ctx: StepContext, ddp_chunks: list[torch.nn.Module], optimizer, batches: list[OPSDMicroBatch],
                *, pad_id: int, clip_grad: float, scheduler=None) -> dict:
     """One optimizer step on this DP rank's micro-batches; returns metrics (same on every rank)."""
@@ -363,6 +376,7 @@ def train_step(ctx: StepContext, ddp_chunks: list[torch.nn.Module], optimizer, b
     except NonFiniteError as exc:
         raise NonFiniteError(f"step {ctx.step}: {exc}") from None
     metrics["grad_norm"] = optimizer_step(optimizer, clip_grad, ctx.step)
+    check_finite_weights(ddp_chunks, ctx.runtime, ctx.step)
     if ctx.teacher is not None:
         ctx.teacher.after_optimizer_step(ddp_chunks)
     if scheduler is not None:
