@@ -192,12 +192,10 @@ def existing_checkpoint(root: str | Path) -> Path | None:
     """For resume-if-present: the latest step under ``root``, None when ``root`` holds no checkpoint,
     an error when it holds something else (a model, a broken pointer)."""
     found = inspect(root)
-    if found.kind in ("missing", "empty"):
+    if found.kind in ("missing", "empty", "other"):  # "other": e.g. a crashed first save's step_*.tmp
         return None
     if found.kind == "root":
         return latest_step(found.path)
-    if found.kind == "other" and not any(found.path.glob("step_*")):
-        return None  # e.g. only a crashed first save's step_0000001.tmp
     raise ValueError(f"checkpoint.dir: {found.describe()}: checkpoints of a run go into a directory of "
                      "their own")
 

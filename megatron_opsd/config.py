@@ -135,7 +135,8 @@ class JobConfig:
     seed: int = doc("Global seed (weights init, sampling, data order).", default=1234)
 
     def __post_init__(self) -> None:
-        self.check_model_fits()
+        if not self.train.load:  # else the model is train.load's model.json, checked once read
+            self.check_model_fits()
         if self.loss.mode == "opd" and self.loss.teacher != "initial":
             raise ValueError("loss.mode=opd uses the teacher checkpoint as is: leave loss.teacher=initial")
 

@@ -73,11 +73,14 @@ def plan_run(cfg: JobConfig, world_size: int) -> Plan:
     if cfg.train.prompts_per_step % dp:
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
                           f"data-parallel size {dp}: make it a multiple of {dp}")
+    required = cfg.checkpoint.resume == "required"
+    resume_from = _resume_point(cfg) if required else None  # --load DIR: first say what DIR is
     inputs = {"train.load": cfg.train.load, "loss.opd_teacher_load": cfg.loss.opd_teacher_load,
               "data.tokenizer_path": cfg.data.tokenizer_path}
     for option, out in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
         paths.check_output_dir(out, option, inputs)
-    resume_from = _resume_point(cfg)
+    if not required:
+        resume_from = _resume_point(cfg)
     train_problems, eval_problems = load_splits(cfg.data)
     check_eval_answers(eval_problems or train_problems, cfg)
     return Plan(tokenizer, train_problems, eval_problems, weights, teacher, resume_from)
@@ -470,9 +473,9 @@ def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
 
 
-def _say(enabled: bool, text: str, file=sys.stdout) -> None:
+def _say(enabled: bool, text: str, file=None) -> None:
     if enabled:
-        print(text, file=file, flush=True)
+        print(text, file=file or sys.stdout, flush=True)
 
 
 if __name__ == "__mp_main__":  # a multiprocessing child spawned by the trainer (dist_checkpointing)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -355,11 +356,14 @@ def optimizer_step(optimizer, clip_grad: float, step: int) -> float:
 
 def check_finite_weights(chunks: list[torch.nn.Module], runtime: ParallelRuntime, step: int) -> None:
     """After the update: stop if any weight on any rank became NaN/Inf (a finite gradient can still
-    give an infinite update, e.g. with an absurd learning rate). One fused norm per rank and one
-    scalar all-reduce over the world (every rank holds other shards/stages)."""
+    give a non-finite update, e.g. an fp16/bf16 overflow). One fused max-abs per rank (NaN propagates,
+    no overflow) and one scalar all-reduce over the world (ranks hold other shards and stages)."""
+    if os.environ.get("MEGATRON_OPSD_FAULT") == f"nonfinite_update:{step}":  # tests: a poisoned update
+        with torch.no_grad():
+            next(chunks[0].parameters()).view(-1)[0] = float("nan")
     params = [p.detach() for chunk in chunks for p in chunk.parameters()]
-    local = torch.stack(torch._foreach_norm(params)).float().sum() if params else torch.zeros(())
-    flag = torch.tensor([0.0 if torch.isfinite(local) else 1.0], device=runtime.device)
+    largest = torch.stack(torch._foreach_norm(params, float("inf"))).max() if params else torch.zeros(())
+    flag = torch.tensor([0.0 if torch.isfinite(largest) else 1.0], device=runtime.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item():
         raise NonFiniteError(f"step {step}: the optimizer update made weights non-finite (NaN/Inf); "
