@@ -349,11 +349,12 @@ def _kill_and_list_survivors(proc: subprocess.Popen, watch: Path, target_pid: in
     os.kill(target_pid, signal.SIGKILL)
     time.sleep(5)
     alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE and p.pid != target_pid]
+    found = [(p.pid, p.name()) for p in alive]
     for survivor in alive:  # clean up on failure; the orphans would also hold the output pipe open
         survivor.kill()
     proc.kill()
     proc.communicate(timeout=60)
-    return [(p.pid, " ".join(p.cmdline()[:6]) if p.is_running() else "") for p in alive]
+    return found
 
 
 def test_kill_9_of_the_trainer_leaves_no_orphans(tmp_path):
