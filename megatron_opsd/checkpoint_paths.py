@@ -205,10 +205,9 @@ def check_output_dir(path: str | Path, option: str, inputs: dict[str, str | Path
     """``path`` can be created or written, and is neither an input directory nor inside one."""
     path = Path(path).absolute()
     for name, given in inputs.items():
-        if not given:
+        source = Path(given).absolute() if given else None
+        if source is None or not source.is_dir():  # a file (e.g. a .model tokenizer) holds no directory
             continue
-        source = Path(given).absolute()
-        source = source if source.is_dir() else source.parent if name == "data.tokenizer_path" else source
         if path == source or source in path.parents:
             raise ValueError(f"{option}={path} is {'' if path == source else 'inside '}the input directory "
                              f"{name}={given}: nothing is written into an input; choose another {option}")

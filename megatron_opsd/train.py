@@ -2,7 +2,10 @@
 
 With no ``--config`` it runs the embedded default (a tiny Llama-shaped model on the shipped arithmetic
 data, TP=2 on CPU): an SFT warm-up makes a base model (cached), then OPSD, with held-out accuracy
-before and after. ``--load DIR`` resumes from the latest checkpoint under DIR.
+before and after. ``--load DIR`` resumes the run whose checkpoints are in DIR (and refuses a DIR that
+holds none); ``--validate-only`` runs every start-up check that needs no process group and exits
+(0: ok, 2: one line naming what is wrong). See ``megatron_opsd/checkpoint_paths.py`` for what each
+checkpoint option accepts.
 """
 
 from __future__ import annotations
