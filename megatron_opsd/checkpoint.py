@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_opsd.checkpoint_paths import (LATEST, MODEL_JSON, latest_step, read_model_json, resolve_weights,
-                                            step_dirs)
+                                            step_dirs, with_previous)
 from megatron_opsd.models.description import ModelConfig
 
 
@@ -93,6 +93,27 @@ def write_model_json(model: ModelConfig, directory: Path) -> None:
     os.replace(tmp, directory / MODEL_JSON)
 
 
+def _read(load, *args, **kwargs):
+    """``load(..., str(directory), ...)`` with megatron-core's and torch's failures (damaged file
+    contents, a layout it cannot map) as one line naming the directory; that the files exist at full
+    length was checked before (``checkpoint_paths.check_complete``)."""
+    import pickle
+
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    *head, directory = args
+    try:
+        return load(*head, str(directory), **kwargs)
+    except (CheckpointException, CheckpointingException, pickle.UnpicklingError, RuntimeError, KeyError,
+            EOFError, OSError, ValueError) as exc:
+        cause = next(iter(getattr(exc, "failures", {}).values()), exc)  # torch DCP: per-rank failures
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
+        what = "damaged tensor data" if isinstance(cause, pickle.UnpicklingError) else \
+            (str(cause).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{directory}: the checkpoint cannot be read ({type(cause).__name__}: {what})") from exc
+
+
 def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: str | None = None,
                strict: str = "raise_all") -> None:
     """Load model weights saved by ``save_model`` (or, with ``strict="assume_ok_unexpected"``, the model
@@ -105,7 +126,7 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: 
     sharded = model_sharded_state_dict(chunks)
     if prefix:
         sharded = {prefix: sharded}
-    state = dist_checkpointing.load(sharded, str(directory), strict=strict)
+    state = _read(dist_checkpointing.load, sharded, directory, strict=strict)
     if prefix:
         state = state[prefix]
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
@@ -227,11 +248,14 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
-    same_layout = list(common["layout"]) == [runtime.tp, runtime.pp, runtime.dp]
-    state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=True, with_rng=same_layout,
-                            optimizer_format=common["optimizer_format"])
-    loaded = dist_checkpointing.load(state, str(path), strict="assume_ok_unexpected")
+    try:
+        common = _read(dist_checkpointing.load_common_state_dict, path)["common"]
+        same_layout = list(common["layout"]) == [runtime.tp, runtime.pp, runtime.dp]
+        state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=True,
+                                with_rng=same_layout, optimizer_format=common["optimizer_format"])
+        loaded = _read(dist_checkpointing.load, state, path, strict="assume_ok_unexpected")
+    except ValueError as exc:
+        raise with_previous(path.parent, str(exc), path) from None
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if optimizer is not None:

@@ -122,7 +122,7 @@ def read_model_json(directory: Path):
         raise ValueError(f"{path} is not a valid model description: {exc}") from None
 
 
-def _with_previous(root: Path, problem: str, before: Path | None = None) -> ValueError:
+def with_previous(root: Path, problem: str, before: Path | None = None) -> ValueError:
     """``problem``, plus the newest complete step (older than ``before``) if there is one."""
     for candidate in reversed(step_dirs(root)):
         if before is not None and STEP_NAME.match(before.name) and step_of(candidate) >= step_of(before):
@@ -141,22 +141,22 @@ def latest_step(root: Path) -> Path:
     pointer = root / LATEST
     if not pointer.is_file():
         steps = step_dirs(root)
-        raise _with_previous(root, f"{pointer} is missing"
+        raise with_previous(root, f"{pointer} is missing"
                              + (f" (the directory holds {steps[-1].name})" if steps else ""))
     try:
         name = pointer.read_bytes().decode("utf-8").strip()
     except UnicodeDecodeError:
-        raise _with_previous(root, f"{pointer} is not a text pointer "
+        raise with_previous(root, f"{pointer} is not a text pointer "
                              "(not UTF-8)") from None
     if not STEP_NAME.match(name):
-        raise _with_previous(root, f"{pointer} should name a step directory (step_NNNNNNN), it holds {name[:40]!r}")
+        raise with_previous(root, f"{pointer} should name a step directory (step_NNNNNNN), it holds {name[:40]!r}")
     step = root / name
     if not step.is_dir():
-        raise _with_previous(root, f"{pointer} names {step}, which does not exist", step)
+        raise with_previous(root, f"{pointer} names {step}, which does not exist", step)
     try:
         check_complete(step)
     except (ValueError, FileNotFoundError) as exc:
-        raise _with_previous(root, str(exc), step) from None
+        raise with_previous(root, str(exc), step) from None
     return step
 
 

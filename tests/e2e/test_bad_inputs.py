@@ -50,17 +50,25 @@ def tree_hash(*roots: Path) -> str:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> dict:
-    """A finished 2-step run (keep_last 2, next to a stale step_*.tmp of a crashed save)."""
+    """A finished 2-step run (keep_last 2, next to a stale step_*.tmp of a crashed save), evaluated on 3
+    shipped problems, one without any answer and one whose prompt is over data.max_prompt_len."""
     root = tmp_path_factory.mktemp("bad_inputs")
     run = root / "run"
     stale = run / "checkpoints" / "step_0000009.tmp"
     stale.mkdir(parents=True)
     (stale / "__0_0.distcp").write_bytes(b"half")
+    shipped = (REPO_ROOT / "megatron_opsd" / "assets" / "arith" / "eval.jsonl").read_text().splitlines()[:3]
+    extra = [{"problem": "What is 2 + 2?", "solution": "It is four."},
+             {"problem": "Add these: " + " + ".join(["1"] * 400), "solution": "\\boxed{400}"}]
+    eval_path = root / "eval.jsonl"
+    eval_path.write_text("\n".join(shipped + [json.dumps(r) for r in extra]) + "\n")
     proc = subprocess.run(train_cmd(run / "checkpoints", run / "logs", "--train.steps", "2",
-                                    "--checkpoint.keep_last", "2"),
+                                    "--checkpoint.keep_last", "2", "--data.eval_path", str(eval_path),
+                                    "--train.eval_problems", "0"),
                           cwd=REPO_ROOT, env=single_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {"root": root, "run": run, "ckpt": run / "checkpoints", "stdout": proc.stdout}
+    return {"root": root, "run": run, "ckpt": run / "checkpoints", "stdout": proc.stdout, "stderr": proc.stderr,
+            "eval_path": eval_path}
 
 
 def test_run_outputs_pruning_eval_records_and_config(base):
@@ -70,12 +78,20 @@ def test_run_outputs_pruning_eval_records_and_config(base):
     assert sorted(p.name for p in ckpt.iterdir()) == ["latest", "step_0000001", "step_0000002", "step_0000009.tmp"]
     # each evaluation's responses, answers and verdicts; accuracy agrees with them
     metrics = [json.loads(x) for x in (logs / "metrics.jsonl").read_text().splitlines()]
-    for record in (m for m in metrics if m["kind"] == "eval"):
+    evals = [m for m in metrics if m["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 2]
+    for record in evals:
         rows = [json.loads(x) for x in (logs / f"eval_step_{record['step']}.jsonl").read_text().splitlines()]
         assert [r["id"] for r in rows] == [0, 1, 2, 3] and record["problems"] == 4
         assert set(rows[0]) >= {"id", "source", "response", "answer", "reference", "correct"}
-        assert all(r["reference"] for r in rows) and "eval.jsonl:" in rows[0]["source"]
+        assert [r["reference"] for r in rows] == ["133", "46", "300", None] and rows[3]["correct"] is False
+        assert rows[0]["source"] == f"{base['eval_path']}:1"
         assert record["accuracy"] == sum(r["correct"] for r in rows) / 4
+        assert record["dropped_long_prompt"] == 1  # problem 4: its prompt exceeds max_prompt_len=512
+    assert base["stdout"].count("evaluation: 1 of 5 problems dropped: their prompt exceeds "
+                                "data.max_prompt_len=512") == 2
+    assert (f"warning: 1 of 5 evaluation problems in {base['eval_path']} have no answer "
+            f"(e.g. {base['eval_path']}:4); they count as wrong") in base["stderr"]
     import yaml
 
     saved = yaml.safe_load((logs / "config.yaml").read_text())
@@ -298,6 +314,25 @@ def test_case_list_is_complete(results):
 def test_no_input_modified_and_nothing_created(results):
     assert results["unchanged"], "a case modified an input or the base run"
     assert not results["created"], "a refused case created an output directory"
+
+
+def test_damaged_tensor_data_is_one_line_naming_the_step(base, tmp_path):
+    """A .distcp of the right size with overwritten bytes passes the file checks; the load itself fails:
+    one line naming the step directory, exit 2, the checkpoint left as it was."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(base["ckpt"], ckpt, ignore=shutil.ignore_patterns("*.tmp"))
+    victim = ckpt / "step_0000002" / "__0_0.distcp"
+    victim.write_bytes(b"\x00" * victim.stat().st_size)
+    before = tree_hash(ckpt)
+    proc = subprocess.run(train_cmd(ckpt, tmp_path / "logs", "--load", str(ckpt), "--train.steps", "3"),
+                          cwd=REPO_ROOT, env=single_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines == [f"megatron_opsd.train: error: {ckpt / 'step_0000002'}: the checkpoint cannot be read "
+                     f"(UnpicklingError: damaged tensor data); the previous complete checkpoint is "
+                     f"{ckpt / 'step_0000001'}: write 'step_0000001' into {ckpt / 'latest'} to resume from it"], \
+        proc.stderr
+    assert tree_hash(ckpt) == before
 
 
 def test_non_finite_update_stops_with_exit_3_and_no_checkpoint(tmp_path):
