@@ -131,7 +131,8 @@ def with_previous(root: Path, problem: str, before: Path | None = None) -> Value
             check_complete(candidate)
         except (ValueError, FileNotFoundError):
             continue
-        return ValueError(f"{problem}; the previous complete checkpoint is {candidate}: write "
+        which = "previous" if before is not None else "newest"
+        return ValueError(f"{problem}; the {which} complete checkpoint is {candidate}: write "
                           f"'{candidate.name}' into {root / LATEST} to resume from it")
     return ValueError(f"{problem}; no earlier complete checkpoint under {root}")
 
@@ -180,12 +181,13 @@ def resolve_resume(path: str | Path, option: str = "--load") -> Path:
     if found.kind == "root":
         return latest_step(found.path)
     hint = {
-        "converted": "use --train.load to start a run from its weights",
-        "step": f"pass its checkpoint directory {found.path.parent} to resume from the latest step, or "
+        "converted": ": use --train.load to start a run from its weights",
+        "step": f": pass its checkpoint directory {found.path.parent} to resume from the latest step, or "
                 "--train.load to start a new run from these weights",
-        "hf": "then use --train.load",
-    }.get(found.kind, f"{option} resumes a run; to start one, leave {option} out")
-    raise ValueError(f"{option}: {found.describe()}: {hint}")
+        "hf": ", then --train.load the result",
+        "run": "",
+    }.get(found.kind, f": {option} resumes a run; to start one, leave {option} out")
+    raise ValueError(f"{option}: {found.describe()}{hint}")
 
 
 def existing_checkpoint(root: str | Path) -> Path | None:
@@ -196,8 +198,8 @@ def existing_checkpoint(root: str | Path) -> Path | None:
         return None
     if found.kind == "root":
         return latest_step(found.path)
-    raise ValueError(f"checkpoint.dir: {found.describe()}: checkpoints of a run go into a directory of "
-                     "their own")
+    hint = "" if found.kind == "run" else ": checkpoints of a run go into a directory of their own"
+    raise ValueError(f"checkpoint.dir: {found.describe()}{hint}")
 
 
 # ---- outputs ---------------------------------------------------------------------------------------

@@ -210,10 +210,11 @@ def _cases(base: dict, work: Path) -> list[dict]:
         case("load_empty", ["--load", str(empty)], f"--load: no checkpoint under {empty} (the directory is empty)"),
         case("load_missing", ["--load", str(d / "nothing")], f"no checkpoint under {d / 'nothing'} (it does not exist)"),
         case("load_run_root", ["--load", str(run_root)],
-             f"no checkpoint under {run_root}; did you mean {run_root / 'checkpoints'}?"),
+             f"--load: no checkpoint under {run_root}; did you mean {run_root / 'checkpoints'}?"),
         case("load_step_dir", ["--load", str(ckpt / "step_0000001")],
              f"{ckpt / 'step_0000001'} is one step of a training run: pass its checkpoint directory {ckpt}"),
-        case("load_hf_dir", ["--load", str(hf)], f"{hf} is an HF model directory: convert it first"),
+        case("load_hf_dir", ["--load", str(hf)], f"{hf} is an HF model directory: convert it first with "
+             "tools/convert_hf_to_megatron.py, then --train.load the result"),
         case("load_file", ["--load", str(a_file)], f"{a_file} is a file, not a checkpoint directory"),
         case("train_load_hf", ["--train.load", str(hf)], f"train.load: {hf} is an HF model directory"),
         case("train_load_empty", ["--train.load", str(empty)], f"train.load: no checkpoint under {empty}"),
@@ -221,7 +222,7 @@ def _cases(base: dict, work: Path) -> list[dict]:
              f"loss.opd_teacher_load: no checkpoint under {d / 't'}"),
         # ---- damaged checkpoints: the file is named and the previous complete step offered
         case("latest_not_text", ["--load", str(latest_binary)],
-             f"{latest_binary / 'latest'} is not a text pointer (not UTF-8); the previous complete checkpoint is "
+             f"{latest_binary / 'latest'} is not a text pointer (not UTF-8); the newest complete checkpoint is "
              f"{latest_binary / 'step_0000002'}"),
         case("latest_dangling", ["--load", str(latest_dangling)],
              f"{latest_dangling / 'latest'} names {latest_dangling / 'step_0000007'}, which does not exist; "
