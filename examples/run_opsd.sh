@@ -20,6 +20,12 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 # megatron-core: TP communication overlap and sequence parallelism need one hardware queue per GPU.
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 
+# Check the config once, before torchrun starts the workers (the trainer's own validation, no process
+# group): a bad value prints one line and exits 2; a finished run says so and launches nothing.
+check=$(WORLD_SIZE=$((NNODES * NPROC_PER_NODE)) python -m megatron_opsd.train --validate-only "$@") || exit $?
+echo "$check"
+case "$check" in "nothing to do"* | *"Options (--section.key value)"*) exit 0 ;; esac
+
 exec python -m torch.distributed.run \
   --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC_PER_NODE" \
   --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT" \

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from megatron_opsd.checkpoint_paths import (LATEST, MODEL_JSON, latest_step, read_model_json, resolve_weights,
+                                            step_dirs, with_previous)
 from megatron_opsd.models.description import ModelConfig
-
-MODEL_JSON = "model.json"
 
 
 def _chunk_keys(num_chunks: int) -> list[str]:
@@ -93,11 +93,25 @@ def write_model_json(model: ModelConfig, directory: Path) -> None:
     os.replace(tmp, directory / MODEL_JSON)
 
 
-def read_model_json(directory: str | Path) -> ModelConfig:
-    path = Path(directory) / MODEL_JSON
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory} has no {MODEL_JSON}: not a megatron_opsd model checkpoint")
-    return ModelConfig.from_hf_dict(json.loads(path.read_text()))
+def _read(load, *args, **kwargs):
+    """``load(..., str(directory), ...)`` with megatron-core's and torch's failures (damaged file
+    contents, a layout it cannot map) as one line naming the directory; that the files exist at full
+    length was checked before (``checkpoint_paths.check_complete``)."""
+    import pickle
+
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    *head, directory = args
+    try:
+        return load(*head, str(directory), **kwargs)
+    except (CheckpointException, CheckpointingException, pickle.UnpicklingError, RuntimeError, KeyError,
+            EOFError, OSError, ValueError) as exc:
+        cause = next(iter(getattr(exc, "failures", {}).values()), exc)  # torch DCP: per-rank failures
+        cause = cause[0] if isinstance(cause, tuple) else cause  # (exception, traceback)
+        what = "damaged tensor data" if isinstance(cause, pickle.UnpicklingError) else \
+            (str(cause).strip().splitlines() or [""])[0][:160]
+        raise ValueError(f"{directory}: the checkpoint cannot be read ({type(cause).__name__}: {what})") from exc
 
 
 def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: str | None = None,
@@ -141,8 +155,8 @@ def load_sharded(sharded: dict, directory: str | Path, *, allow_unrequested: boo
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    state, stored_not_asked, asked_not_stored = dist_checkpointing.load(
-        sharded, str(directory), strict=StrictHandling.RETURN_ALL)
+    state, stored_not_asked, asked_not_stored = _read(dist_checkpointing.load, sharded, directory,
+                                                      strict=StrictHandling.RETURN_ALL)
     absent = sorted({_key_name(k) for k in asked_not_stored if not _is_extra_state(k)})
     if absent:
         raise CheckpointError(f"{directory}: the checkpoint lacks {len(absent)} tensor(s) this model needs, "
@@ -177,7 +191,6 @@ class CheckpointError(ValueError):
 #                        data cursor, layout; plus model.json
 #   latest               text file naming the newest complete step directory (replaced atomically)
 
-LATEST = "latest"
 # Distributed-optimizer state format. fully_reshardable (gathered per DP group at save) loads at any
 # TP/PP/DP; dp_reshardable (no gather, fully parallel) only at another DP size.
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
@@ -188,13 +201,8 @@ def step_dir(root: str | Path, step: int) -> Path:
 
 
 def latest_checkpoint(root: str | Path) -> Path | None:
-    pointer = Path(root) / LATEST
-    if not pointer.is_file():
-        return None
-    path = Path(root) / pointer.read_text().strip()
-    if not (path / MODEL_JSON).is_file():
-        raise FileNotFoundError(f"{pointer} names {path}, which is not a complete checkpoint")
-    return path
+    """The complete step that ``root/latest`` names; None when there is no pointer."""
+    return latest_step(Path(root)) if (Path(root) / LATEST).is_file() else None
 
 
 def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: bool, with_rng: bool,
@@ -272,17 +280,20 @@ def save_training(root: str | Path, step: int, *, chunks, optimizer, teacher_chu
                            "optimizer_format": optimizer_format}
         dist_checkpointing.save(state, str(tmp))
         if dist.get_rank() == 0:
+            from megatron_opsd.conversion.files import save_tokenizer_files
+
             write_model_json(model, tmp)
+            # the tokenizer travels with every step: exports and generation find it there
+            save_tokenizer_files(common.get("config", {}).get("data", {}).get("tokenizer_path"), tmp)
 
     atomic_save(write, target)
     if dist.get_rank() == 0:
         pointer_tmp = root / (LATEST + ".tmp")
         pointer_tmp.write_text(target.name)
         os.replace(pointer_tmp, root / LATEST)
-        if keep_last:
-            for old in sorted(root.glob("step_*"))[:-keep_last]:
-                if old.is_dir() and not old.name.endswith((".tmp", ".old")):
-                    shutil.rmtree(old, ignore_errors=True)
+        if keep_last:  # complete steps only: a crashed save's step_*.tmp is no checkpoint
+            for old in step_dirs(root)[:-keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
     _barrier()
     return target
 
@@ -292,11 +303,14 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     from megatron.core import dist_checkpointing
 
     path = Path(path)
-    common = dist_checkpointing.load_common_state_dict(str(path))["common"]
-    same_layout = list(common["layout"]) == [runtime.tp, runtime.pp, runtime.dp]
-    state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=True, with_rng=same_layout,
-                            optimizer_format=common["optimizer_format"])
-    loaded = load_sharded(state, path, allow_unrequested=True)
+    try:
+        common = _read(dist_checkpointing.load_common_state_dict, path)["common"]
+        same_layout = list(common["layout"]) == [runtime.tp, runtime.pp, runtime.dp]
+        state = _training_state(chunks, optimizer, teacher_chunks, runtime, is_loading=True,
+                                with_rng=same_layout, optimizer_format=common["optimizer_format"])
+        loaded = load_sharded(state, path, allow_unrequested=True)
+    except ValueError as exc:
+        raise with_previous(path.parent, str(exc), path) from None
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         load_module_state(_unwrap(chunk), loaded[key])
     if optimizer is not None:
@@ -312,9 +326,6 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     return common
 
 
-def load_weights(chunks, directory: str | Path) -> None:
+def load_weights(chunks, directory: str | Path, option: str = "train.load") -> None:
     """Model weights from a converted checkpoint or a training checkpoint (root or step directory)."""
-    directory = Path(directory)
-    if (directory / LATEST).is_file():
-        directory = latest_checkpoint(directory)
-    load_model(chunks, directory, strict="assume_ok_unexpected")
+    load_model(chunks, resolve_weights(directory, option), strict="assume_ok_unexpected")

@@ -8,6 +8,7 @@ against the parallel layout). The world size is checked when the runtime starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,8 +38,14 @@ class RolloutConfig:
             raise ValueError(f"rollout.samples_per_prompt={self.samples_per_prompt} must be >= 1")
         if self.max_new_tokens < 1:
             raise ValueError(f"rollout.max_new_tokens={self.max_new_tokens} must be >= 1")
-        if self.temperature <= 0:
-            raise ValueError(f"rollout.temperature={self.temperature} must be positive")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"rollout.temperature={self.temperature} must be a positive finite number")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"rollout.top_p={self.top_p} must lie in (0, 1]; 1 disables nucleus filtering")
+        if self.top_k < 0:
+            raise ValueError(f"rollout.top_k={self.top_k} must be >= 0; 0 disables top-k filtering")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError(f"rollout.max_batch_size={self.max_batch_size} must be >= 1 or null")
 
 
 @dataclass
@@ -65,6 +72,10 @@ class TrainConfig:
                             default=True)
     eval_max_new_tokens: int | None = doc("Evaluation response budget; null = rollout.max_new_tokens.",
                                           default=None)
+    eval_answer_fallback: Literal["none", "last_number"] = doc(
+        "A response's answer is its last \\boxed{}; last_number: when it has none, its last number "
+        "instead (for models that answer right but never box). Each evaluation's responses, extracted "
+        "answers and verdicts are in logging.dir/eval_step_N.jsonl.", default="none")
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "micro_batch_size"):
@@ -81,7 +92,10 @@ class CheckpointConfig:
     dir: str = doc("Where step_XXXXXXX checkpoints and the `latest` pointer go.", default="runs/opsd/checkpoints")
     save_every: int = doc("Save every N steps (0: only at the end and on SIGTERM).", default=0)
     keep_last: int = doc("Keep the newest N checkpoints (0: keep all).", default=2)
-    resume: bool = doc("Resume from the latest checkpoint in `dir` when there is one.", default=True)
+    resume: bool | Literal["required"] = doc(
+        "true: resume from the latest checkpoint in `dir` when there is one, else start fresh (the log "
+        "says which); required: refuse to start without one (what `--load DIR` sets); false: start "
+        "fresh, refused when `dir` already holds checkpoints (nothing is overwritten).", default=True)
     optimizer_format: Literal["fully_reshardable", "dp_reshardable"] = doc(
         "Distributed-optimizer state: fully_reshardable resumes at any TP/PP/DP (gathers each DP group's "
         "state at save); dp_reshardable saves fully in parallel but resumes only at another DP size.",
@@ -121,11 +135,22 @@ class JobConfig:
     seed: int = doc("Global seed (weights init, sampling, data order).", default=1234)
 
     def __post_init__(self) -> None:
-        self.parallel.check_model(self.model.num_hidden_layers, self.model.num_attention_heads,
-                                  self.model.num_key_value_heads)
-        self.model.check_sequence_length(self.data.max_seq_len)
+        if not self.train.load:  # else the model is train.load's model.json, checked once read
+            self.check_model_fits()
         if self.loss.mode == "opd" and self.loss.teacher != "initial":
             raise ValueError("loss.mode=opd uses the teacher checkpoint as is: leave loss.teacher=initial")
+
+
+    def check_model_fits(self) -> None:
+        """The model against the layout and the length budget (again once train.load gave the model)."""
+        m = self.model
+        self.parallel.check_model(m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
+                                  m.intermediate_size)
+        self.model.check_sequence_length(self.data.max_seq_len)
+        if self.data.max_seq_len > self.model.max_position_embeddings:
+            raise ValueError(f"data.max_seq_len={self.data.max_seq_len} exceeds the model's "
+                             f"max_position_embeddings={self.model.max_position_embeddings}: lower "
+                             "data.max_seq_len (and data.max_prompt_len, rollout.max_new_tokens)")
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> JobConfig:

@@ -141,7 +141,10 @@ def parse_overrides(argv: list[str]) -> dict:
         *parents, leaf = key.replace("-", "_").split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value != "" else ""
+        try:
+            node[leaf] = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"--{key}: cannot read the value {value!r} (quote it for a string)") from None
     return out
 
 
@@ -162,12 +165,23 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = _read_yaml(path)
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
     data = merge(data, parse_overrides(overrides or []))
     return from_dict(cls, data)
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_bytes().decode("utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}): is this the config file?") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: invalid YAML: {what}") from None
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:

@@ -57,14 +57,23 @@ class ParallelConfig:
                 f"{self.tp} * {self.pp}: launch a multiple of {self.tp * self.pp} processes "
                 "or change tp/pp")
 
-    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int) -> None:
-        """Layout constraints that depend on the model shape."""
-        if num_heads % self.tp:
-            raise ValueError(f"num_attention_heads={num_heads} is not divisible by parallel.tp={self.tp}: "
-                             f"choose tp among {[d for d in range(1, num_heads + 1) if num_heads % d == 0]}")
-        if num_kv_heads % self.tp and self.tp % num_kv_heads:
-            raise ValueError(f"num_key_value_heads={num_kv_heads} and parallel.tp={self.tp}: one must "
-                             "divide the other")
+    def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, ffn_size: int | None = None) -> None:
+        """Layout constraints that depend on the model shape; the advice lists only tensor-parallel
+        sizes that satisfy all of them (heads, KV heads, MLP width; the vocabulary is padded)."""
+        def problems(tp: int) -> list[str]:
+            found = []
+            if num_heads % tp:
+                found.append(f"num_attention_heads={num_heads} is not divisible by parallel.tp={tp}")
+            if num_kv_heads % tp and tp % num_kv_heads:
+                found.append(f"num_key_value_heads={num_kv_heads} and parallel.tp={tp}: one must divide the other")
+            if ffn_size is not None and ffn_size % tp:
+                found.append(f"intermediate_size={ffn_size} is not divisible by parallel.tp={tp}")
+            return found
+
+        wrong = problems(self.tp)
+        if wrong:
+            fits = [tp for tp in range(1, num_heads + 1) if not problems(tp)]
+            raise ValueError(f"{wrong[0]}: choose parallel.tp among {fits}")
         chunks = self.pp * (self.vpp or 1)
         if num_layers % chunks:
             raise ValueError(f"num_hidden_layers={num_layers} is not divisible by parallel.pp * vpp = "

@@ -2,27 +2,35 @@
 
 With no ``--config`` it runs the embedded default (a tiny Llama-shaped model on the shipped arithmetic
 data, TP=2 on CPU): an SFT warm-up makes a base model (cached), then OPSD, with held-out accuracy
-before and after. ``--load DIR`` resumes from the latest checkpoint under DIR.
+before and after. ``--load DIR`` resumes the run whose checkpoints are in DIR (and refuses a DIR that
+holds none); ``--validate-only`` runs every start-up check that needs no process group and exits
+(0: ok, 2: one line naming what is wrong). See ``megatron_opsd/checkpoint_paths.py`` for what each
+checkpoint option accepts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 
 from megatron_opsd import checkpoint as ckpt
+from megatron_opsd import checkpoint_paths as paths
+from megatron_opsd import lifetime
 from megatron_opsd.config import JobConfig, help_text, load_config
 from megatron_opsd.config_io import ConfigError, to_dict
 from megatron_opsd.conversion.files import DEFAULT_TOKENIZER_PATH, find_tokenizer_dir, model_tokenizer
-from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_boxed
+from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_answer
 from megatron_opsd.data import load_splits, load_tokenizer
 from megatron_opsd.data.contexts import OPSDPair, build_pair
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
@@ -37,37 +45,112 @@ from megatron_opsd.rollout.types import SampleKey, SamplingParams
 EMBEDDED_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "embedded_tiny_llama_tp2.yaml"
 
 
+@dataclass
+class Plan:
+    """What a run will do, decided from the config alone (no process group, nothing written)."""
+
+    tokenizer: object
+    train_problems: list
+    eval_problems: list
+    weights: Path | None
+    """train.load resolved to the directory holding model.json."""
+    teacher_weights: Path | None
+    """loss.opd_teacher_load resolved likewise."""
+    resume_from: Path | None
+    """The training checkpoint to resume (checkpoint.resume), or None: start fresh."""
+
+
+def plan_run(cfg: JobConfig, world_size: int) -> Plan:
+    """Check everything a user can get wrong before anything is built or written; ``cfg.model`` becomes
+    the loaded model's description when ``train.load`` is set. Raises ``ValueError`` (one line)."""
+    weights = paths.resolve_weights(cfg.train.load, "train.load") if cfg.train.load else None
+    if weights is not None:
+        cfg.model = ckpt.read_model_json(weights)
+        # The tokenizer stored with the model unless the user set one; a set one must match it.
+        user_path = None if cfg.data.tokenizer_path == DEFAULT_TOKENIZER_PATH else cfg.data.tokenizer_path
+        tokenizer = model_tokenizer(user_path, find_tokenizer_dir(weights) or weights,
+                                    cfg.model.vocab_size) or load_tokenizer(cfg.data.tokenizer_path)
+        cfg.data.tokenizer_path = tokenizer.path
+    else:
+        tokenizer = load_tokenizer(cfg.data.tokenizer_path)
+    teacher = None
+    if cfg.loss.mode == "opd":
+        teacher = paths.resolve_weights(cfg.loss.opd_teacher_load, "loss.opd_teacher_load")
+    cfg.check_model_fits()
+    tokenizer.check_model_vocab(cfg.model.vocab_size)
+    cfg.parallel.check_world_size(world_size)
+    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    if cfg.train.prompts_per_step % dp:
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
+                          f"data-parallel size {dp}: make it a multiple of {dp}")
+    required = cfg.checkpoint.resume == "required"
+    resume_from = _resume_point(cfg) if required else None  # --load DIR: first say what DIR is
+    inputs = {"train.load": cfg.train.load, "loss.opd_teacher_load": cfg.loss.opd_teacher_load,
+              "data.tokenizer_path": cfg.data.tokenizer_path}
+    for option, out in (("checkpoint.dir", cfg.checkpoint.dir), ("logging.dir", cfg.logging.dir)):
+        paths.check_output_dir(out, option, inputs)
+    if not required:
+        resume_from = _resume_point(cfg)
+    train_problems, eval_problems = load_splits(cfg.data)
+    check_eval_answers(eval_problems or train_problems, cfg)
+    return Plan(tokenizer, train_problems, eval_problems, weights, teacher, resume_from)
+
+
+def _resume_point(cfg: JobConfig) -> Path | None:
+    """The step to resume from as ``checkpoint.resume`` says, checked against this run's model."""
+    root, mode = cfg.checkpoint.dir, cfg.checkpoint.resume
+    if mode == "required":
+        step = paths.resolve_resume(root, "--load")
+    else:
+        step = paths.existing_checkpoint(root)
+        if step is not None and mode is False:
+            raise ConfigError(f"checkpoint.dir={root} already holds checkpoints (latest {step.name}) and "
+                              "checkpoint.resume=false: resume (true) or choose a new checkpoint.dir; "
+                              "nothing is overwritten")
+    if step is None:
+        return None
+    saved = ckpt.read_model_json(step)
+    differences = [f"{f.name}={getattr(saved, f.name)!r} (this run: {getattr(cfg.model, f.name)!r})"
+                   for f in dataclasses.fields(saved) if getattr(saved, f.name) != getattr(cfg.model, f.name)]
+    if differences:
+        raise ConfigError(f"{step / ckpt.MODEL_JSON} describes another model: {', '.join(differences[:3])}: "
+                          "resume with the model it was trained with, or choose a new checkpoint.dir")
+    return step
+
+
+def check_eval_answers(problems: list, cfg: JobConfig) -> None:
+    """Evaluation needs reference answers: refuse a set with none (accuracy would be 0 by
+    construction); warn with the count when some lack one (they count as wrong)."""
+    source = cfg.data.eval_path or cfg.data.train_path
+    count = len(problems) if not cfg.train.eval_problems else min(cfg.train.eval_problems, len(problems))
+    missing = [p for p in problems[:count] if p.answer is None]
+    if missing and len(missing) == count:
+        raise ConfigError(f"{source}: none of the {count} evaluation problems has an answer (no "
+                          f"{cfg.data.answer_key!r} field, no \\boxed{{}} in the solution): accuracy would be 0; "
+                          "add the column or set data.answer_key")
+    if missing:
+        print(f"warning: {len(missing)} of {count} evaluation problems in {source} have no answer "
+              f"(e.g. {missing[0].source}); they count as wrong", file=sys.stderr, flush=True)
+
+
 class Trainer:
     """Builds the run from a ``JobConfig`` and runs the loop (``fit``)."""
 
-    def __init__(self, cfg: JobConfig):
+    def __init__(self, cfg: JobConfig, plan: Plan):
         self.cfg = cfg
-        # Everything a user can get wrong is checked before anything is built or written.
-        if cfg.train.load:
-            model_dir = _resolve_load(cfg.train.load)
-            cfg.model = ckpt.read_model_json(model_dir)
-            # The tokenizer stored with the model unless the user set one; a set one must match it.
-            user_path = None if cfg.data.tokenizer_path == DEFAULT_TOKENIZER_PATH else cfg.data.tokenizer_path
-            self.tokenizer = model_tokenizer(user_path, find_tokenizer_dir(model_dir) or model_dir,
-                                             cfg.model.vocab_size) or load_tokenizer(cfg.data.tokenizer_path)
-            cfg.data.tokenizer_path = self.tokenizer.path
-        else:
-            self.tokenizer = load_tokenizer(cfg.data.tokenizer_path)
-        self.tokenizer.check_model_vocab(cfg.model.vocab_size)
-        self.train_problems, self.eval_problems = load_splits(cfg.data)
+        self.tokenizer = plan.tokenizer
+        self.train_problems, self.eval_problems = plan.train_problems, plan.eval_problems
+        self.plan = plan
         self.contexts = ContextBuilder(cfg.data, self.tokenizer, self.train_problems)
         self.eval_contexts = ContextBuilder(cfg.data, self.tokenizer, self.eval_problems or self.train_problems)
 
         self.runtime = rt = init_parallel(cfg.parallel, cfg.seed)
-        if cfg.train.prompts_per_step % rt.dp:
-            raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
-                              f"data-parallel size {rt.dp}: make it a multiple of {rt.dp}")
         self.is_logger = rt.rank == 0
         self.chunks = build_model(cfg.model, rt, cfg.model_build)
         self.step = 0
         self.sampler = ProblemSampler(len(self.train_problems), cfg.train.prompts_per_step, cfg.seed,
                                       rank=rt.dp_rank, world_size=rt.dp)
-        latest = ckpt.latest_checkpoint(cfg.checkpoint.dir) if cfg.checkpoint.resume else None
+        latest = plan.resume_from
         if latest is None:
             self._initial_weights()
         self.ddp = wrap_ddp(self.chunks, rt)
@@ -84,8 +167,10 @@ class Trainer:
         self.log = MetricsLogger(cfg.logging.dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard,
                                  wandb_project=cfg.logging.wandb_project, progress_bar=cfg.logging.progress_bar,
                                  total_steps=cfg.train.steps, start_step=self.step, config=to_dict(cfg))
-        if latest is not None:
-            self.log.message(f"resumed from {latest} at step {self.step}")
+        if self.is_logger:
+            write_config_yaml(cfg)
+        self.log.message(f"resumed from {latest} at step {self.step}" if latest is not None else
+                         f"started fresh: no checkpoint under {cfg.checkpoint.dir}")
         self._stop_requested = False
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._request_stop)
@@ -124,7 +209,7 @@ class Trainer:
         pairs = [self.contexts.build(p, ids) for (p, _), ids in zip(prompts, rollout.response_ids)]
         batches = self._micro_batches([p for p in pairs if p is not None], prompts)  # contexts
         ctx = StepContext(runtime=self.runtime, loss=cfg.loss, temperature=self._loss_temperature(),
-                          vocab_size=cfg.model.vocab_size, teacher=self.teacher, step=self.step,
+                          vocab_size=cfg.model.vocab_size, teacher=self.teacher, step=self.step + 1,
                           detailed_metrics=cfg.logging.detailed_metrics)
         metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
                              clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
@@ -138,7 +223,8 @@ class Trainer:
         return metrics
 
     def evaluate(self) -> dict:
-        """Held-out accuracy (last \\boxed{} vs the reference answer) and mean response length."""
+        """Held-out accuracy and mean response length; every response goes to
+        ``logging.dir/eval_step_N.jsonl`` (rank 0 writes what all data-parallel ranks generated)."""
         cfg, rt = self.cfg, self.runtime
         problems = self.eval_problems or self.train_problems
         count = len(problems) if not cfg.train.eval_problems else min(cfg.train.eval_problems, len(problems))
@@ -149,14 +235,26 @@ class Trainer:
                                   max_new_tokens=cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens)
         rollout = self.rollout.generate([p.student for _, p in kept], sampling,
                                         [SampleKey(step=-1, prompt_id=i) for i, _ in kept])
-        correct = sum(answers_match(extract_boxed(self.tokenizer.decode(ids)), problems[i].answer)
-                      for (i, _), ids in zip(kept, rollout.response_ids))
-        totals = torch.tensor([correct, len(kept), sum(map(len, rollout.response_ids))], dtype=torch.float64,
-                              device=rt.device)
-        dist.all_reduce(totals, group=rt.dp_group)
-        metrics = {"accuracy": (totals[0] / totals[1].clamp(min=1)).item(), "problems": int(totals[1]),
-                   "response_length": (totals[2] / totals[1].clamp(min=1)).item()}
-        self.log.log("eval", self.step, metrics) if hasattr(self, "log") else None
+        records = []
+        for (i, _), ids in zip(kept, rollout.response_ids):
+            text = self.tokenizer.decode(ids)
+            answer = extract_answer(text, cfg.train.eval_answer_fallback)
+            records.append({"id": i, "source": problems[i].source, "response": text, "answer": answer,
+                            "reference": problems[i].answer, "correct": answers_match(answer, problems[i].answer),
+                            "response_tokens": len(ids)})
+        gathered = [None] * rt.dp
+        dist.all_gather_object(gathered, records, group=rt.dp_group)
+        records = sorted((r for part in gathered for r in part), key=lambda r: r["id"])
+        num = max(len(records), 1)
+        metrics = {"accuracy": sum(r["correct"] for r in records) / num, "problems": len(records),
+                   "dropped_long_prompt": count - len(records),
+                   "response_length": sum(r["response_tokens"] for r in records) / num}
+        if self.is_logger:
+            write_jsonl(Path(cfg.logging.dir) / f"eval_step_{self.step}.jsonl", records)
+            if metrics["dropped_long_prompt"]:
+                self.log.message(f"evaluation: {metrics['dropped_long_prompt']} of {count} problems dropped: "
+                                 f"their prompt exceeds data.max_prompt_len={cfg.data.max_prompt_len}")
+        self.log.log("eval", self.step, metrics)
         return metrics
 
     # ---- phases' helpers ----------------------------------------------------------------------
@@ -198,9 +296,9 @@ class Trainer:
         if loss.mode == "sft":
             return None
         if loss.mode == "opd":
-            teacher_chunks = build_model(ckpt.read_model_json(_resolve_load(loss.opd_teacher_load)), rt,
+            teacher_chunks = build_model(ckpt.read_model_json(self.plan.teacher_weights), rt,
                                          self.cfg.model_build)
-            ckpt.load_weights(teacher_chunks, loss.opd_teacher_load)
+            ckpt.load_weights(teacher_chunks, self.plan.teacher_weights, "loss.opd_teacher_load")
             return FrozenTeacher(teacher_chunks)
         if loss.teacher == "live":
             return Teacher(self.ddp)
@@ -210,8 +308,8 @@ class Trainer:
 
     def _initial_weights(self) -> None:
         cfg = self.cfg
-        if cfg.train.load:
-            ckpt.load_weights(self.chunks, cfg.train.load)
+        if self.plan.weights is not None:
+            ckpt.load_weights(self.chunks, self.plan.weights)
         elif cfg.train.warmup_sft_steps:
             base = embedded_base_dir(cfg)
             if not (base / ckpt.MODEL_JSON).is_file():
@@ -252,10 +350,21 @@ class Trainer:
         self.log.close()
 
 
-def _resolve_load(path: str) -> Path:
-    path = Path(path)
-    if (path / ckpt.LATEST).is_file():
-        return ckpt.latest_checkpoint(path)
+def write_jsonl(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def write_config_yaml(cfg: JobConfig) -> Path:
+    """The resolved config (file + overrides + the loaded model's description) as
+    ``logging.dir/config.yaml``: rerun with ``--config`` on it to repeat the run."""
+    path = Path(cfg.logging.dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    os.replace(tmp, path)
     return path
 
 
@@ -313,36 +422,53 @@ def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
 
 
 # ---- entry point ----------------------------------------------------------------------------------
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    config, rest, i = None, [], 0
+def parse_args(argv: list[str]) -> tuple[str | None, list[str], bool]:
+    """``(config file, dotted overrides, validate_only)``; ``--load DIR`` = resume DIR (required)."""
+    config, rest, validate_only, i = None, [], False, 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("-h", "--help"):
             print(__doc__ + "\nOptions (--section.key value):\n" + help_text())
             sys.exit(0)
-        if arg == "--config" or arg.startswith("--config="):
-            config = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
-            i += 1 if "=" in arg else 2
+        if arg == "--validate-only":
+            validate_only, i = True, i + 1
             continue
-        if arg == "--load" or arg.startswith("--load="):
+        if arg in ("--config", "--load") or arg.startswith(("--config=", "--load=")):
+            if "=" not in arg and i + 1 >= len(argv):
+                raise ConfigError(f"{arg}: missing value")
             value = arg.split("=", 1)[1] if "=" in arg else argv[i + 1]
-            rest += ["--checkpoint.dir", value, "--checkpoint.resume", "true"]
             i += 1 if "=" in arg else 2
+            if arg.startswith("--config"):
+                config = value
+            else:
+                rest += ["--checkpoint.dir", value, "--checkpoint.resume", "required"]
             continue
         rest.append(arg)
         i += 1
-    return config, rest
+    return config, rest, validate_only
 
 
 def main(argv: list[str] | None = None) -> int:
-    config, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    lifetime.die_with_parent(self_too="TORCHELASTIC_RUN_ID" in os.environ)
     trainer = None
+    # Before the process group exists every rank checks the same files and would say the same thing:
+    # rank 0 speaks for the job.
+    first_rank = int(os.environ.get("RANK", "0")) == 0
     try:
+        config, overrides, validate_only = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config or str(EMBEDDED_CONFIG), overrides)
-        trainer = Trainer(cfg)
+        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        if plan.resume_from is not None and paths.step_of(plan.resume_from) >= cfg.train.steps:
+            _say(first_rank, f"nothing to do: {plan.resume_from} already reached train.steps={cfg.train.steps}")
+            return 0
+        if validate_only:
+            _say(first_rank, f"config ok: resumes {plan.resume_from}" if plan.resume_from else
+                 f"config ok: starts fresh (no checkpoint under {cfg.checkpoint.dir})")
+            return 0
+        trainer = Trainer(cfg, plan)
         trainer.fit()
     except (ConfigError, ValueError, FileNotFoundError) as exc:
-        print(f"megatron_opsd.train: error: {exc}", file=sys.stderr, flush=True)
+        _say(first_rank or dist.is_initialized(), f"megatron_opsd.train: error: {one_line(exc)}", sys.stderr)
         return 2
     except NonFiniteError as exc:
         print(f"megatron_opsd.train: stopped: {exc}; no checkpoint was written for it", file=sys.stderr,
@@ -356,5 +482,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _say(enabled: bool, text: str, file=None) -> None:
+    if enabled:
+        print(text, file=file or sys.stdout, flush=True)
+
+
+if __name__ == "__mp_main__":  # a multiprocessing child spawned by the trainer (dist_checkpointing)
+    lifetime.die_with_parent(self_too=True)
 if __name__ == "__main__":
     sys.exit(main())

@@ -51,7 +51,10 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = parser.parse_args(argv)
 
+    from megatron_opsd.checkpoint_paths import resolve_weights
     from megatron_opsd.conversion.megatron_to_hf import convert_megatron_to_hf
+
+    args.megatron_dir = str(resolve_weights(args.megatron_dir, "--megatron-dir"))
 
     convert_megatron_to_hf(args.megatron_dir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                            tokenizer_dir=args.tokenizer_dir, with_tokenizer=not args.no_tokenizer,
@@ -96,7 +99,10 @@ def verify_main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
+    from megatron_opsd.checkpoint_paths import resolve_weights
     from megatron_opsd.conversion.verify import verify, write_report
+
+    args.megatron_dir = str(resolve_weights(args.megatron_dir, "--megatron-dir"))
 
     comparison, passed = verify(args.hf_dir, args.megatron_dir, tp=args.tp, pp=args.pp, atol=args.atol,
                                 batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)

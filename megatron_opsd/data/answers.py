@@ -54,6 +54,19 @@ def extract_boxed(text: str) -> str | None:
     return None
 
 
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+def extract_answer(text: str, fallback: str = "none") -> str | None:
+    """The answer a response gives: its last ``\\boxed{}``; with ``fallback="last_number"`` and no
+    box, the last number in the text (for models that answer correctly but never box)."""
+    boxed = extract_boxed(text)
+    if boxed is not None or fallback == "none":
+        return boxed
+    numbers = _NUMBER.findall(text)
+    return numbers[-1].rstrip(",") if numbers else None
+
+
 def normalize_answer(answer: str) -> str:
     """Canonical text of an answer: no ``$``, ``\\text{}`` wrappers, spacing commands, whitespace or
     trailing period; ``\\dfrac``/``\\tfrac`` become ``\\frac``; thousands separators are dropped."""

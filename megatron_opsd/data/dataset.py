@@ -54,7 +54,12 @@ class BadRowError(ValueError):
 
 def _json_records(path: Path) -> list[tuple[int, Any]]:
     """``(line, record)`` pairs of a JSON file holding a list of objects."""
-    text = path.read_text(encoding="utf-8")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise BadRowError(f"{path}:{line}: not UTF-8 text") from None
     decoder = json.JSONDecoder()
     counted = [0, 1]  # [position, line]: newlines are counted incrementally: records come in file order
 
@@ -95,12 +100,15 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         out: list[tuple[str, Any]] = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, start=1):
+                if not raw.strip():
                     continue
                 try:
-                    out.append((f"{path}:{line_no}", json.loads(line)))
+                    out.append((f"{path}:{line_no}", json.loads(raw.decode("utf-8"))))
+                except UnicodeDecodeError as exc:
+                    out.append((f"{path}:{line_no}", BadRowError(
+                        f"{path}:{line_no}: not UTF-8 text (byte {exc.start + 1} of the line)")))
                 except json.JSONDecodeError as exc:
                     out.append((f"{path}:{line_no}",
                                 BadRowError(f"{path}:{line_no}: malformed JSON line: {exc.msg} "
@@ -111,7 +119,10 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        rows = pq.read_table(path).to_pylist()
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow's ArrowInvalid/OSError for a damaged or foreign file
+            raise BadRowError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
         return [(f"{path}:{row}", record) for row, record in enumerate(rows, start=1)]
     raise ValueError(f"{path}: unknown problem file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
 

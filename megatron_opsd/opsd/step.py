@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -365,6 +366,22 @@ def _dynamic_loss_scaling(optimizer) -> bool:
                for opt in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
+def check_finite_weights(chunks: list[torch.nn.Module], runtime: ParallelRuntime, step: int) -> None:
+    """After the update: stop if any weight on any rank became NaN/Inf (a finite gradient can still
+    give a non-finite update, e.g. an fp16/bf16 overflow). One fused max-abs per rank (NaN propagates,
+    no overflow) and one scalar all-reduce over the world (ranks hold other shards and stages)."""
+    if os.environ.get("MEGATRON_OPSD_FAULT") == f"nonfinite_update:{step}":  # tests: a poisoned update
+        with torch.no_grad():
+            next(chunks[0].parameters()).view(-1)[0] = float("nan")
+    params = [p.detach() for chunk in chunks for p in chunk.parameters() if p.requires_grad]  # (LoRA: adapters)
+    largest = torch.stack(torch._foreach_norm(params, float("inf"))).max() if params else torch.zeros(())
+    flag = torch.tensor([0.0 if torch.isfinite(largest) else 1.0], device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item():
+        raise NonFiniteError(f"step {step}: the optimizer update made weights non-finite (NaN/Inf); "
+                             "lower optim.lr or optim.clip_grad")
+
+
 def train_step(ctx: StepContext, ddp_chunks: list[torch.nn.Module], optimizer, batches: list[OPSDMicroBatch],
                *, pad_id: int, clip_grad: float, scheduler=None) -> dict:
     """One optimizer step on this DP rank's micro-batches; returns metrics (same on every rank)."""
@@ -380,6 +397,7 @@ def train_step(ctx: StepContext, ddp_chunks: list[torch.nn.Module], optimizer, b
         metrics["loss_scale"] = float(optimizer.get_loss_scale())
     if grad_norm is not None:
         metrics["grad_norm"] = grad_norm
+        check_finite_weights(ddp_chunks, ctx.runtime, ctx.step)
         if ctx.teacher is not None:
             ctx.teacher.after_optimizer_step(ddp_chunks)
     if scheduler is not None:

@@ -116,16 +116,15 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from megatron_opsd.checkpoint import LATEST, latest_checkpoint, load_weights, read_model_json
+    from megatron_opsd.checkpoint import load_weights, read_model_json, resolve_weights
     from megatron_opsd.conversion.files import find_tokenizer_dir, model_tokenizer
     from megatron_opsd.models.provider import ModelBuildConfig, build_model
     from megatron_opsd.parallel import ParallelConfig, init_parallel
     from megatron_opsd.rollout import MegatronRolloutEngine, SampleKey, SamplingParams
 
-    load = Path(args.load)
-    step_dir = latest_checkpoint(load) if (load / LATEST).is_file() else load
+    step_dir = resolve_weights(args.load, "--load")
     cfg = read_model_json(step_dir)
-    inputs = [Path(args.prompts), load, step_dir] + ([Path(args.tokenizer)] if args.tokenizer else [])
+    inputs = [Path(args.prompts), Path(args.load), step_dir] + ([Path(args.tokenizer)] if args.tokenizer else [])
     check_output_path(args.out, inputs)
     # The model's own tokenizer by default; one given with --tokenizer must match it.
     tokenizer = model_tokenizer(args.tokenizer, find_tokenizer_dir(step_dir) or step_dir, cfg.vocab_size)
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime = init_parallel(ParallelConfig(tp=args.tp, pp=args.pp), seed=args.seed)
     chunks = build_model(cfg, runtime, ModelBuildConfig(dtype=args.dtype, init_weights=False))
-    load_weights(chunks, load)
+    load_weights(chunks, step_dir, "--load")
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id < cfg.vocab_size else 0
     engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, pad_id=pad_id,
                                    max_batch_size=args.batch_size)

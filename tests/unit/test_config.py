@@ -107,3 +107,47 @@ def test_example_configs_load():
         assert cfg.loss.mode == "opsd" and cfg.optim.clip_grad == pytest.approx(0.1), path
         if "embedded" not in path.name:  # the tiny-vocabulary demo turns clipping off (see its comment)
             assert cfg.loss.clip in (0.05, 0.06), path
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    # the advice lists only sizes that satisfy every constraint (heads, KV heads, MLP width)
+    (["--model.num_attention_heads", "8", "--model.num_key_value_heads", "8", "--model.intermediate_size", "132",
+      "--parallel.tp", "8"], r"intermediate_size=132 is not divisible by parallel.tp=8: choose parallel.tp among "
+                             r"\[1, 2, 4\]$"),
+    (["--model.num_attention_heads", "12", "--model.hidden_size", "96", "--model.num_key_value_heads", "4",
+      "--model.intermediate_size", "100", "--parallel.tp", "9"],
+     r"num_attention_heads=12 is not divisible by parallel.tp=9: choose parallel.tp among \[1, 2, 4\]$"),
+    (["--rollout.top_p", "0"], r"rollout.top_p=0.0 must lie in \(0, 1\]"),
+    (["--rollout.top_k", "-2"], r"rollout.top_k=-2 must be >= 0"),
+    (["--rollout.temperature", "inf"], r"rollout.temperature=inf must be a positive finite number"),
+    (["--data.max_seq_len", "4096", "--model.max_position_embeddings", "2048"],
+     r"data.max_seq_len=4096 exceeds the model's max_position_embeddings=2048"),
+    (["--checkpoint.resume", "maybe"], r"checkpoint.resume"),
+])
+def test_layout_sampling_and_length_errors_name_the_field(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(None, overrides)
+
+
+def test_every_advised_tp_is_accepted():
+    base = ["--model.num_attention_heads", "12", "--model.hidden_size", "96", "--model.num_key_value_heads", "4",
+            "--model.intermediate_size", "100"]
+    for tp in (1, 2, 4):
+        assert load_config(None, base + ["--parallel.tp", str(tp)]).parallel.tp == tp
+
+
+def test_checkpoint_resume_accepts_true_false_required():
+    assert load_config(None, ["--checkpoint.resume", "required"]).checkpoint.resume == "required"
+    assert load_config(None, ["--checkpoint.resume", "false"]).checkpoint.resume is False
+
+
+@pytest.mark.parametrize("text, pattern", [
+    ("train:\n  steps: 2\n   micro: [\n", r"run.yaml:3:\d+: invalid YAML"),
+    (b"train:\n  steps: \xff\n", r"run.yaml: not UTF-8 text"),
+])
+def test_broken_yaml_is_one_line_naming_file_and_line(tmp_path, text, pattern):
+    path = tmp_path / "run.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ConfigError, match=pattern) as info:
+        load_config(str(path))
+    assert "\n" not in str(info.value)

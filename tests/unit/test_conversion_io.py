@@ -192,8 +192,13 @@ def test_existing_output_is_refused_without_force(tmp_path):
     (out / "keep.txt").write_text("user data")
     with pytest.raises(FileExistsError, match="--force"):
         hf_to_megatron_main(["--hf-dir", str(hf), "--out", str(out)])
+    meg = tmp_path / "meg"  # a weightless converted checkpoint: the input must be valid for the out check
+    meg.mkdir()
+    (meg / "model.json").write_text(json.dumps(ModelConfig().to_hf_dict()))
+    from torch.distributed.checkpoint.metadata import Metadata
+    (meg / ".metadata").write_bytes(__import__("pickle").dumps(Metadata(state_dict_metadata={}, storage_data={})))
     with pytest.raises(FileExistsError, match="--force"):
-        megatron_to_hf_main(["--megatron-dir", str(tmp_path / "hf"), "--out", str(out)])
+        megatron_to_hf_main(["--megatron-dir", str(meg), "--out", str(out)])
     assert (out / "keep.txt").read_text() == "user data"
 
 

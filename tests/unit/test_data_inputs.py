@@ -257,3 +257,37 @@ def test_wrong_solution_is_never_the_problems_own():
     same = [Problem("Q0", "S", None, "t:0"), Problem("Q1", "S", None, "t:1")]
     with pytest.raises(ValueError, match="none differs"):
         wrong_solution_index(0, same, 0)
+
+
+@pytest.mark.parametrize("suffix, data, line", [
+    (".jsonl", b'{"problem": "a", "solution": "b"}\n{"problem": "\xff", "solution": "b"}\n', 2),
+    (".json", b'[\n{"problem": "a", "solution": "b"},\n{"problem": "\xff", "solution": "b"}]', 3),
+])
+def test_non_utf8_file_names_file_and_line(tmp_path, suffix, data, line):
+    path = tmp_path / f"p{suffix}"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"p{suffix}:{line}: not UTF-8 text"):
+        load_problems(path)
+
+
+def test_non_utf8_jsonl_line_can_be_skipped(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"problem": "a", "solution": "b"}\n{"problem": "\xff", "solution": "b"}\n')
+    result = load_problems(path, on_bad_row="skip")
+    assert len(result.problems) == 1 and result.num_skipped == 1
+
+
+@pytest.mark.parametrize("text, fallback, expected", [
+    ("so the answer is \\boxed{12}, not 13", "none", "12"),
+    ("so the answer is \\boxed{12}, not 13", "last_number", "12"),  # a box always wins
+    ("The answer is 1,234.", "none", None),
+    ("The answer is 1,234.", "last_number", "1,234"),
+    ("first 3/4 then -2.5", "last_number", "-2.5"),
+    ("no digits here", "last_number", None),
+])
+def test_answer_extraction_fallback_is_off_by_default(text, fallback, expected):
+    from megatron_opsd.data import answers_match, extract_answer
+
+    assert extract_answer(text, fallback) == expected
+    if expected == "1,234":
+        assert answers_match(extract_answer(text, fallback), "1234")
