@@ -3,8 +3,8 @@
 With no ``--config`` it runs the embedded default (a tiny Llama-shaped model on the shipped arithmetic
 data, TP=2 on CPU): an SFT warm-up makes a base model (cached), then OPSD, with held-out accuracy
 before and after. ``--load DIR`` resumes the run whose checkpoints are in DIR (and refuses a DIR that
-holds none); ``--validate-only`` runs every start-up check that needs no process group and exits
-(0: ok, 2: one line naming what is wrong). See ``megatron_opsd/checkpoint_paths.py`` for what each
+holds none); ``--validate-only`` runs every start-up check that needs no process group (the layout
+against ``WORLD_SIZE`` when it is set) and exits (0: ok, 2: one line naming what is wrong). See ``megatron_opsd/checkpoint_paths.py`` for what each
 checkpoint option accepts.
 """
 
@@ -60,9 +60,10 @@ class Plan:
     """The training checkpoint to resume (checkpoint.resume), or None: start fresh."""
 
 
-def plan_run(cfg: JobConfig, world_size: int) -> Plan:
+def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
     """Check everything a user can get wrong before anything is built or written; ``cfg.model`` becomes
-    the loaded model's description when ``train.load`` is set. Raises ``ValueError`` (one line)."""
+    the loaded model's description when ``train.load`` is set. Raises ``ValueError`` (one line).
+    ``world_size=None`` (validating with no WORLD_SIZE set) skips the checks that need it."""
     weights = paths.resolve_weights(cfg.train.load, "train.load") if cfg.train.load else None
     if weights is not None:
         cfg.model = ckpt.read_model_json(weights)
@@ -78,8 +79,10 @@ def plan_run(cfg: JobConfig, world_size: int) -> Plan:
         teacher = paths.resolve_weights(cfg.loss.opd_teacher_load, "loss.opd_teacher_load")
     cfg.check_model_fits()
     tokenizer.check_model_vocab(cfg.model.vocab_size)
-    cfg.parallel.check_world_size(world_size)
-    dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+    dp = 1
+    if world_size is not None:
+        cfg.parallel.check_world_size(world_size)
+        dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
     if cfg.train.prompts_per_step % dp:
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
                           f"data-parallel size {dp}: make it a multiple of {dp}")
@@ -128,7 +131,7 @@ def check_eval_answers(problems: list, cfg: JobConfig) -> None:
         raise ConfigError(f"{source}: none of the {count} evaluation problems has an answer (no "
                           f"{cfg.data.answer_key!r} field, no \\boxed{{}} in the solution): accuracy would be 0; "
                           "add the column or set data.answer_key")
-    if missing:
+    if missing and int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {len(missing)} of {count} evaluation problems in {source} have no answer "
               f"(e.g. {missing[0].source}); they count as wrong", file=sys.stderr, flush=True)
 
@@ -457,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config, overrides, validate_only = parse_args(sys.argv[1:] if argv is None else argv)
         cfg = load_config(config or str(EMBEDDED_CONFIG), overrides)
-        plan = plan_run(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        world_size = os.environ.get("WORLD_SIZE", None if validate_only else "1")
+        plan = plan_run(cfg, None if world_size is None else int(world_size))
         if plan.resume_from is not None and paths.step_of(plan.resume_from) >= cfg.train.steps:
             _say(first_rank, f"nothing to do: {plan.resume_from} already reached train.steps={cfg.train.steps}")
             return 0

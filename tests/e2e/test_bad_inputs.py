@@ -260,7 +260,9 @@ def _cases(base: dict, work: Path) -> list[dict]:
         case("ckpt_dir_is_run_root", ["--checkpoint.dir", str(run_root)], f"did you mean {run_root / 'checkpoints'}?"),
         case("fresh_over_checkpoints", ["--checkpoint.dir", str(run_root / "checkpoints"), "--checkpoint.resume", "false"],
              "already holds checkpoints (latest step_0000002) and checkpoint.resume=false"),
-        # ---- a finished run: nothing to do (stdout), exit 0
+        # ---- exit 0: validation alone (no WORLD_SIZE: the layout is not checked), a finished run
+        case("validate_only_ok", ["--validate-only", "--parallel.tp", "2"],
+             f"config ok: starts fresh (no checkpoint under {c})", rc=0),
         case("finished_run", ["--load", str(run_root / "checkpoints"), "--train.steps", "2"],
              "nothing to do:", rc=0),
     ]
@@ -293,7 +295,7 @@ CASE_NAMES = [
     "metadata_deleted", "model_json_broken", "model_json_binary", "model_json_bad_value", "no_complete_step",
     "resume_other_model_size", "ckpt_dir_is_file", "ckpt_dir_under_file", "ckpt_dir_not_writable",
     "logging_dir_is_file", "ckpt_dir_inside_train_load", "ckpt_dir_is_converted_model", "ckpt_dir_is_run_root",
-    "fresh_over_checkpoints", "finished_run",
+    "fresh_over_checkpoints", "validate_only_ok", "finished_run",
 ]
 
 
