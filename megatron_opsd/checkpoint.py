@@ -27,9 +27,21 @@ def _chunk_keys(num_chunks: int) -> list[str]:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def model_sharded_state_dict(chunks: list[torch.nn.Module]) -> dict:
-    """One sharded state dict for all chunks (keys ``model``, or ``model0``, ``model1``, … with VPP)."""
-    return {key: _unwrap(c).sharded_state_dict() for key, c in zip(_chunk_keys(len(chunks)), chunks)}
+def model_sharded_state_dict(chunks: list[torch.nn.Module], *, adapters_only: bool = False) -> dict:
+    """One sharded state dict for all chunks (keys ``model``, or ``model0``, ``model1``, … with VPP);
+    ``adapters_only``: the LoRA adapters' entries alone (a LoRA run's checkpoints: the base is not copied)."""
+    out = {}
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        state = _unwrap(chunk).sharded_state_dict()
+        out[key] = {k: v for k, v in state.items() if LORA_KEY in k} if adapters_only else state
+    return out
+
+
+LORA_KEY = "_lora."  # the adapters' modules: ``linear_qkv_lora``, ... (models/lora.py)
+
+
+def has_adapters(chunks: list[torch.nn.Module]) -> bool:
+    return any(LORA_KEY in name for chunk in chunks for name, _ in _unwrap(chunk).named_parameters())
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -172,10 +184,12 @@ def _key_name(key) -> str:
     return key[0] if isinstance(key, tuple) else key
 
 
-def load_module_state(module: torch.nn.Module, state: dict) -> None:
-    """``load_state_dict`` that lets a module keep its own ``_extra_state`` when the checkpoint had none."""
+def load_module_state(module: torch.nn.Module, state: dict, *, partial: bool = False) -> None:
+    """``load_state_dict`` that lets a module keep its own ``_extra_state`` when the checkpoint had none
+    (``partial``: and everything the state does not hold, e.g. the base weights under LoRA adapters)."""
     result = module.load_state_dict(state, strict=False)
-    problems = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)] + list(result.unexpected_keys)
+    missing = [] if partial else result.missing_keys
+    problems = [k for k in missing if not k.endswith(EXTRA_STATE)] + list(result.unexpected_keys)
     if problems:
         raise CheckpointError(f"state does not match the model: {problems[:4]}")
 
@@ -209,7 +223,7 @@ def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: b
                     optimizer_format: str = "fully_reshardable") -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    state = model_sharded_state_dict(chunks)
+    state = model_sharded_state_dict(chunks, adapters_only=has_adapters(chunks))
     if optimizer is not None:
         if is_loading:
             _materialise_optimizer_state(optimizer)
@@ -312,7 +326,7 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     except ValueError as exc:
         raise with_previous(path.parent, str(exc), path) from None
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
-        load_module_state(_unwrap(chunk), loaded[key])
+        load_module_state(_unwrap(chunk), loaded[key], partial=has_adapters(chunks))
     if optimizer is not None:
         _load_optimizer(optimizer, loaded["optimizer"])
     if teacher_chunks:
@@ -326,6 +340,61 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     return common
 
 
-def load_weights(chunks, directory: str | Path, option: str = "train.load") -> None:
-    """Model weights from a converted checkpoint or a training checkpoint (root or step directory)."""
-    load_model(chunks, resolve_weights(directory, option), strict="assume_ok_unexpected")
+def load_weights(chunks, directory: str | Path, option: str = "train.load", runtime=None) -> None:
+    """Model weights from a converted checkpoint or a training checkpoint (root or step directory).
+
+    A LoRA run's checkpoint holds its adapters only: the base it records is loaded (its fingerprint
+    checked), adapters are attached to ``chunks`` (``runtime`` needed) and filled from the checkpoint."""
+    path = resolve_weights(directory, option)
+    lora = lora_checkpoint(path)
+    if lora is None:
+        load_model(chunks, path, strict="assume_ok_unexpected")
+        return
+    from megatron_opsd.models.lora import attach_lora
+
+    config, base = lora
+    if runtime is None:
+        raise ValueError(f"{option}: {path} is a LoRA run's checkpoint (adapters over {base}): resume it with "
+                         "--load, or export it merged with tools/convert_megatron_to_hf.py and start from that")
+    load_model(chunks, base, strict="assume_ok_unexpected")
+    attach_lora(chunks, read_model_json(path), config, runtime, seed=0)
+    sharded = model_sharded_state_dict(chunks, adapters_only=True)
+    loaded = load_sharded(sharded, path, allow_unrequested=True)
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        load_module_state(_unwrap(chunk), loaded[key], partial=True)
+
+
+def lora_base_record(base: str | Path | None) -> dict:
+    """What a LoRA run's checkpoints record of their base (train.load or the warm-up base; None: random
+    initialisation from the run's seed)."""
+    from megatron_opsd.models.lora import base_fingerprint
+
+    return {"path": None if base is None else str(Path(base).resolve()),
+            "fingerprint": None if base is None else base_fingerprint(base)}
+
+
+def lora_checkpoint(step: Path):
+    """(LoRAConfig, base directory) of a LoRA run's training checkpoint; None for any other checkpoint.
+    Refuses a base that is gone or was replaced since (its fingerprint changed)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_opsd.models.lora import LoRAConfig, base_fingerprint
+
+    if not (step / "common.pt").is_file():
+        return None
+    common = _read(dist_checkpointing.load_common_state_dict, step).get("common", {})
+    record = common.get("lora_base")
+    if not record:
+        return None
+    config = LoRAConfig(**{k: v for k, v in common["config"]["lora"].items()})
+    base = record["path"]
+    if base is None:
+        raise ValueError(f"{step}: a LoRA checkpoint whose base was a random initialisation: it cannot be "
+                         "loaded or exported on its own")
+    if not (Path(base) / MODEL_JSON).is_file():
+        raise ValueError(f"{step}: its LoRA base {base} is gone: restore it there")
+    if base_fingerprint(base) != record["fingerprint"]:
+        raise ValueError(f"{step}: its LoRA base {base} changed since training (fingerprint "
+                         f"{base_fingerprint(base)} != recorded {record['fingerprint']}): the adapters belong "
+                         "to the base they were trained on")
+    return config, Path(base)

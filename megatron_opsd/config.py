@@ -16,6 +16,7 @@ from megatron_opsd.config_io import describe, doc, load
 from megatron_opsd.data.config import DataConfig
 from megatron_opsd.engine import OptimConfig
 from megatron_opsd.models.description import ModelConfig
+from megatron_opsd.models.lora import LoRAConfig
 from megatron_opsd.models.provider import ModelBuildConfig
 from megatron_opsd.opsd.config import LossConfig
 from megatron_opsd.parallel import ParallelConfig
@@ -129,6 +130,7 @@ class JobConfig:
     data: DataConfig = doc("Problems, tokenizer, templates, length budget.", default_factory=DataConfig)
     rollout: RolloutConfig = doc("On-policy sampling.", default_factory=RolloutConfig)
     loss: LossConfig = doc("Divergence, teacher, baselines.", default_factory=LossConfig)
+    lora: LoRAConfig = doc("LoRA adapters (rank 0: full fine-tuning).", default_factory=LoRAConfig)
     train: TrainConfig = doc("Loop sizes, initial weights, evaluation.", default_factory=TrainConfig)
     checkpoint: CheckpointConfig = doc("Checkpoints.", default_factory=CheckpointConfig)
     logging: LoggingConfig = doc("Metrics outputs.", default_factory=LoggingConfig)
@@ -139,6 +141,17 @@ class JobConfig:
             self.check_model_fits()
         if self.loss.mode == "opd" and self.loss.teacher != "initial":
             raise ValueError("loss.mode=opd uses the teacher checkpoint as is: leave loss.teacher=initial")
+        if self.loss.mode != "opd" and self.loss.opd_teacher_load:
+            raise ValueError(f"loss.opd_teacher_load={self.loss.opd_teacher_load} is set but loss.mode="
+                             f"{self.loss.mode}: it is read only with loss.mode=opd (with LoRA the theta_0 "
+                             "teacher is the base model with the adapters off)")
+        if self.lora.enabled:
+            if self.parallel.sequence_parallel:
+                raise ValueError("lora.rank > 0 with parallel.sequence_parallel=true is not supported yet")
+            if self.model_build.transformer_engine == "on":
+                raise ValueError("lora.rank > 0 needs the local layer spec (TE's fused layernorm-linear hides the "
+                                 "adapters' input): set model_build.transformer_engine: off or auto")
+            self.model_build.transformer_engine = "off"  # auto: the local spec
 
 
     def check_model_fits(self) -> None:

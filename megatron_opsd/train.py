@@ -35,8 +35,9 @@ from megatron_opsd.data import load_splits, load_tokenizer
 from megatron_opsd.data.contexts import OPSDPair, build_pair
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
 from megatron_opsd.metrics_log import MetricsLogger, peak_memory_mib
+from megatron_opsd.models.lora import attach_lora, load_peft_tensors, read_peft_adapter
 from megatron_opsd.models.provider import build_model
-from megatron_opsd.opsd import EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
+from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
 from megatron_opsd.opsd import NonFiniteError, check_teacher_isolated, train_step
 from megatron_opsd.parallel import init_parallel, shutdown
 from megatron_opsd.rollout import MegatronRolloutEngine
@@ -58,6 +59,8 @@ class Plan:
     """loss.opd_teacher_load resolved likewise."""
     resume_from: Path | None
     """The training checkpoint to resume (checkpoint.resume), or None: start fresh."""
+    adapters: dict | None = None
+    """lora.init_from's adapter tensors (PEFT names, unsharded), read and checked."""
 
 
 def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
@@ -96,7 +99,8 @@ def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
         resume_from = _resume_point(cfg)
     train_problems, eval_problems = load_splits(cfg.data)
     check_eval_answers(eval_problems or train_problems, cfg)
-    return Plan(tokenizer, train_problems, eval_problems, weights, teacher, resume_from)
+    adapters = read_peft_adapter(cfg.lora.init_from, cfg.model, cfg.lora) if cfg.lora.init_from else None
+    return Plan(tokenizer, train_problems, eval_problems, weights, teacher, resume_from, adapters)
 
 
 def _resume_point(cfg: JobConfig) -> Path | None:
@@ -154,8 +158,13 @@ class Trainer:
         self.sampler = ProblemSampler(len(self.train_problems), cfg.train.prompts_per_step, cfg.seed,
                                       rank=rt.dp_rank, world_size=rt.dp)
         latest = plan.resume_from
-        if latest is None:
+        lora = cfg.lora.enabled
+        if latest is None or lora:  # a LoRA run's checkpoints hold its adapters only: the base is loaded
             self._initial_weights()
+        if lora:
+            attach_lora(self.chunks, cfg.model, cfg.lora, rt, cfg.seed)
+            if plan.adapters is not None and latest is None:
+                load_peft_tensors(self.chunks, plan.adapters, f"lora.init_from {cfg.lora.init_from}")
         self.ddp = wrap_ddp(self.chunks, rt)
         self.optimizer = build_optimizer(self.ddp, rt, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
@@ -301,8 +310,10 @@ class Trainer:
         if loss.mode == "opd":
             teacher_chunks = build_model(ckpt.read_model_json(self.plan.teacher_weights), rt,
                                          self.cfg.model_build)
-            ckpt.load_weights(teacher_chunks, self.plan.teacher_weights, "loss.opd_teacher_load")
+            ckpt.load_weights(teacher_chunks, self.plan.teacher_weights, "loss.opd_teacher_load", runtime=rt)
             return FrozenTeacher(teacher_chunks)
+        if self.cfg.lora.enabled:  # the same weights, adapters switched: no copy of the base
+            return AdapterTeacher(self.ddp, loss.teacher, loss.ema_decay)
         if loss.teacher == "live":
             return Teacher(self.ddp)
         if loss.teacher == "ema":
@@ -327,12 +338,28 @@ class Trainer:
             teacher_chunks=teacher, runtime=self.runtime, model=self.cfg.model, keep_last=self.cfg.checkpoint.keep_last,
             optimizer_format=self.cfg.checkpoint.optimizer_format,
             common={"scheduler": self.scheduler.state_dict(), "sampler": self.sampler.state_dict(),
-                    "config": to_dict(self.cfg)})
+                    "config": to_dict(self.cfg), **self._lora_record()})
         self.log.message(f"saved {path}")
         return path
 
+    def _base_dir(self) -> Path | None:
+        """Where this run's initial weights come from (None: random initialisation)."""
+        if self.plan.weights is not None:
+            return self.plan.weights
+        return embedded_base_dir(self.cfg) if self.cfg.train.warmup_sft_steps else None
+
+    def _lora_record(self) -> dict:
+        return {"lora_base": ckpt.lora_base_record(self._base_dir())} if self.cfg.lora.enabled else {}
+
     def _resume(self, path: Path) -> None:
         teacher = self.teacher.state_dict_to_save() if self.teacher is not None else None
+        if self.cfg.lora.enabled:
+            from megatron.core import dist_checkpointing
+
+            recorded = dist_checkpointing.load_common_state_dict(str(path))["common"].get("lora_base")
+            if recorded != self._lora_record()["lora_base"]:
+                raise ConfigError(f"{path}: its LoRA adapters were trained on the base {recorded}, this run's is "
+                                  f"{self._lora_record()['lora_base']}: resume with the base they belong to")
         common = ckpt.load_training(path, chunks=self.ddp, optimizer=self.optimizer, teacher_chunks=teacher,
                                     runtime=self.runtime)
         if self.teacher is not None:

@@ -49,6 +49,9 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-tokenizer", action="store_true",
                         help="export weights and config only (an HF directory AutoTokenizer cannot load)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    parser.add_argument("--adapter-only", action="store_true",
+                        help="a LoRA run: write its adapters as a PEFT directory for the base model (default: "
+                             "the merged model)")
     args = parser.parse_args(argv)
 
     from megatron_opsd.checkpoint_paths import resolve_weights
@@ -58,7 +61,7 @@ def megatron_to_hf_main(argv: list[str] | None = None) -> int:
 
     convert_megatron_to_hf(args.megatron_dir, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size,
                            tokenizer_dir=args.tokenizer_dir, with_tokenizer=not args.no_tokenizer,
-                           force=args.force)
+                           force=args.force, adapter_only=args.adapter_only)
     return 0
 
 

@@ -216,9 +216,14 @@ def hf_config_dict(cfg: ModelConfig, dtype: torch.dtype) -> dict:
 
 def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: str = "auto",
                            max_shard_size: str | int = "5GB", tokenizer_dir: str | Path | None = None,
-                           with_tokenizer: bool = True, force: bool = False, log=print) -> Path:
-    """Convert the checkpoint in ``megatron_dir`` to an HF directory ``out``; return ``out``."""
-    from megatron_opsd.checkpoint import read_model_json
+                           with_tokenizer: bool = True, force: bool = False, adapter_only: bool = False,
+                           log=print) -> Path:
+    """Convert the checkpoint in ``megatron_dir`` to an HF directory ``out``; return ``out``.
+
+    A LoRA run's checkpoint exports merged (W + (alpha / r) B A over the base it records, merged in fp32,
+    stored in the base's dtype), or with ``adapter_only`` as a PEFT adapter directory for that base."""
+    from megatron_opsd.checkpoint import lora_checkpoint, read_model_json
+    from megatron_opsd.models.lora import merge_adapters, read_checkpoint_adapters, write_peft_adapter
     from megatron_opsd.parallel import ParallelConfig, init_parallel
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -230,20 +235,36 @@ def convert_megatron_to_hf(megatron_dir: str | Path, out: str | Path, *, dtype: 
     megatron_dir = resolve_checkpoint_dir(megatron_dir, log)
     out = check_output_dir(out, force)
     cfg = read_model_json(megatron_dir)
-    tokenizer_source = export_tokenizer_dir(megatron_dir, tokenizer_dir) if with_tokenizer else None
+    lora = lora_checkpoint(megatron_dir)
+    if adapter_only and lora is None:
+        raise ValueError(f"--adapter-only: {megatron_dir} is not a LoRA run's checkpoint (no adapters to export)")
+    tokenizer_source = export_tokenizer_dir(megatron_dir, tokenizer_dir) if with_tokenizer and not adapter_only \
+        else None
 
     runtime = init_parallel(ParallelConfig())  # dist_checkpointing.load needs a process group
     try:
-        target = DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(megatron_dir)
+        adapters = read_checkpoint_adapters(megatron_dir) if lora is not None else None
+        if adapter_only:
+            with staging(out) as tmp:
+                write_peft_adapter(tmp, adapters, lora[0], cfg, base_model=str(lora[1]))
+            log(f"exported the LoRA adapters of {megatron_dir} -> {out} (PEFT; base {lora[1]})")
+            return out
+        source = megatron_dir if lora is None else lora[1]  # a LoRA checkpoint: its base, adapters merged
+
+        def hf_tensors():
+            stream = unsharded_to_hf(stream_unsharded(source, cfg), cfg)
+            return stream if lora is None else merge_adapters(stream, adapters, lora[0].scaling)
+
+        target = DTYPES[dtype] if dtype != "auto" else checkpoint_dtype(source)
         # The plan (names, shapes, shard boundaries) comes from the mapping run on meta tensors.
         specs = [TensorSpec(n, target, tuple(t.shape))
-                 for n, t in unsharded_to_hf(stream_unsharded(megatron_dir, cfg, meta=True), cfg)]
+                 for n, t in unsharded_to_hf(stream_unsharded(source, cfg, meta=True), cfg)]
         # The largest change the cast makes to a weight: a bf16 run's fp32 norms, which training moved
         # off the bf16 grid, or any weight under a narrower --dtype.
         rounding = (0.0, "", target)
         with staging(out) as tmp, torch.no_grad():
             writer = ShardedWriter(tmp, specs, max_bytes)
-            for name, tensor in unsharded_to_hf(stream_unsharded(megatron_dir, cfg), cfg):
+            for name, tensor in hf_tensors():
                 cast = tensor.to(target)
                 if tensor.dtype != target and tensor.numel():
                     change = (cast.to(tensor.dtype) - tensor).abs().max().item()

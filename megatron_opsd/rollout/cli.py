@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runtime = init_parallel(ParallelConfig(tp=args.tp, pp=args.pp), seed=args.seed)
     chunks = build_model(cfg, runtime, ModelBuildConfig(dtype=args.dtype, init_weights=False))
-    load_weights(chunks, step_dir, "--load")
+    load_weights(chunks, step_dir, "--load", runtime=runtime)  # (a LoRA checkpoint: base + its adapters)
     pad_id = tokenizer.pad_id if tokenizer is not None and tokenizer.pad_id < cfg.vocab_size else 0
     engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, pad_id=pad_id,
                                    max_batch_size=args.batch_size)

@@ -166,3 +166,20 @@ def test_rollout_samples_with_the_adapters_on(runtime, tmp_path):
         base = [hf_greedy(model, p, 8, ()) for p in PROMPTS]
         assert engine.generate(PROMPTS, greedy).response_ids == base
     assert base != expected  # the adapters change the samples
+
+
+def test_init_from_adapter_exports_bit_identical(runtime, tmp_path):
+    """lora.init_from's path (read, check, shard into the adapters) and back out (adapter_items, the
+    PEFT writer): the same tensors, bit for bit."""
+    from megatron_opsd.models.lora import adapter_items, attach_lora, load_peft_tensors
+    from megatron_opsd.models.provider import build_model
+
+    _, directory = _peft_dir(tmp_path)
+    cfg, lora = _model_cfg(), LoRAConfig(rank=4, alpha=8.0)
+    chunks = build_model(cfg, runtime)
+    attach_lora(chunks, cfg, lora, runtime, seed=0)
+    original = read_peft_adapter(str(directory), cfg, lora)
+    load_peft_tensors(chunks, original, "adapter")
+    write_peft_adapter(tmp_path / "out", {k: getattr(m, n).detach() for k, m, n in adapter_items(chunks)}, lora, cfg)
+    again = read_peft_adapter(str(tmp_path / "out"), cfg, lora)
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
