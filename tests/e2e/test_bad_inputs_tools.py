@@ -127,7 +127,7 @@ CASES = {
     "export_max_shard_size": Case("megatron_to_hf", ("--megatron-dir", "{R}/meg", "--out", "{T}/out",
                                                      "--max-shard-size", "lots"), "--max-shard-size 'lots'"),
     "export_not_a_checkpoint": Case("megatron_to_hf", ("--megatron-dir", "{R}/hf", "--out", "{T}/out"),
-                                    "{R}/hf has no model.json"),
+                                    "--megatron-dir: {R}/hf is an HF model directory: convert it first"),
     "export_no_tokenizer": Case("megatron_to_hf", ("--megatron-dir", "{R}/meg_notok", "--out", "{T}/out"),
                                 "{R}/meg_notok holds no tokenizer files"),
     "export_tokenizer_dir_empty": Case("megatron_to_hf", ("--megatron-dir", "{R}/meg_notok", "--out", "{T}/out",
