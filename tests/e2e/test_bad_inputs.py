@@ -127,6 +127,24 @@ def _cases(base: dict, work: Path) -> list[dict]:
     run_root = d / "myrun"
     shutil.copytree(ckpt, run_root / "checkpoints", ignore=shutil.ignore_patterns("*.tmp"))
 
+    # PEFT adapter directories for lora.init_from: one for a wider base, one using DoRA
+    import yaml
+
+    from megatron_opsd.models.description import ModelConfig
+    from megatron_opsd.models.lora import LoRAConfig, peft_shapes, write_peft_adapter
+
+    import torch
+
+    tiny_model = ModelConfig(**yaml.safe_load(CONFIG.read_text())["model"])
+    wider = ModelConfig(**{**yaml.safe_load(CONFIG.read_text())["model"], "hidden_size": 96})
+    lora4 = LoRAConfig(rank=4, alpha=8.0)
+    write_peft_adapter(d / "adapter_other_base", {k: torch.zeros(v) for k, v in peft_shapes(wider, lora4).items()},
+                       lora4, wider)
+    write_peft_adapter(d / "adapter_dora", {k: torch.zeros(v) for k, v in peft_shapes(tiny_model, lora4).items()},
+                       lora4, tiny_model)
+    dora_config = json.loads((d / "adapter_dora" / "adapter_config.json").read_text())
+    (d / "adapter_dora" / "adapter_config.json").write_text(json.dumps({**dora_config, "use_dora": True}))
+
     latest_binary = copy_ckpt("latest_binary")
     (latest_binary / "latest").write_bytes(b"\xff\xfe\x00garbage")
     latest_dangling = copy_ckpt("latest_dangling")
@@ -220,6 +238,19 @@ def _cases(base: dict, work: Path) -> list[dict]:
         case("train_load_empty", ["--train.load", str(empty)], f"train.load: no checkpoint under {empty}"),
         case("opd_teacher_missing", ["--loss.mode", "opd", "--loss.opd_teacher_load", str(d / "t")],
              f"loss.opd_teacher_load: no checkpoint under {d / 't'}"),
+        # ---- LoRA
+        case("lora_rank_negative", ["--lora.rank", "-1"], "lora.rank=-1 must be >= 0"),
+        case("lora_alpha_zero", ["--lora.rank", "4", "--lora.alpha", "0"], "lora.alpha=0.0 must be > 0"),
+        case("lora_unknown_target", ["--lora.rank", "4", "--lora.targets", "[q_proj, qkv]"],
+             "lora.targets: unknown projection(s) ['qkv']"),
+        case("lora_adapter_other_base", ["--lora.rank", "4", "--lora.alpha", "8", "--lora.init_from",
+                                         str(d / "adapter_other_base")], "an adapter for another base model?"),
+        case("lora_adapter_dora", ["--lora.rank", "4", "--lora.alpha", "8", "--lora.init_from", str(d / "adapter_dora")],
+             "use_dora=True is not supported"),
+        case("lora_adapter_not_a_dir", ["--lora.rank", "4", "--lora.init_from", str(empty)],
+             "not a PEFT adapter directory"),
+        case("teacher_path_without_opd", ["--lora.rank", "4", "--loss.opd_teacher_load", str(converted)],
+             f"loss.opd_teacher_load={converted} is set but loss.mode=opsd"),
         # ---- damaged checkpoints: the file is named and the previous complete step offered
         case("latest_not_text", ["--load", str(latest_binary)],
              f"{latest_binary / 'latest'} is not a text pointer (not UTF-8); the newest complete checkpoint is "
@@ -295,7 +326,9 @@ CASE_NAMES = [
     "metadata_deleted", "model_json_broken", "model_json_binary", "model_json_bad_value", "no_complete_step",
     "resume_other_model_size", "ckpt_dir_is_file", "ckpt_dir_under_file", "ckpt_dir_not_writable",
     "logging_dir_is_file", "ckpt_dir_inside_train_load", "ckpt_dir_is_converted_model", "ckpt_dir_is_run_root",
-    "fresh_over_checkpoints", "validate_only_ok", "finished_run",
+    "fresh_over_checkpoints", "validate_only_ok", "finished_run", "lora_rank_negative", "lora_alpha_zero",
+    "lora_unknown_target", "lora_adapter_other_base", "lora_adapter_dora", "lora_adapter_not_a_dir",
+    "teacher_path_without_opd",
 ]
 
 
