@@ -76,6 +76,18 @@ def test_lora_run_resume_and_export(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["lora_alpha"] == 8 and config["base_model_name_or_path"] == str(base.resolve())
 
+    # lora.init_from the exported adapter, a step too small to move any fp32 weight (lr 1e-30), and export
+    # again: the same tensors bit for bit (import, sharding at TP2, checkpoint and export paths)
+    init = [*lora[:6], "--lora.init_from", str(tmp_path / "adapter"), "--train.steps", "1", "--optim.lr", "1e-30"]
+    out, again = train(tmp_path, 2, *init, name="again")
+    proc = _tool("tools/convert_megatron_to_hf.py", "--megatron-dir", again / "ckpt", "--out", tmp_path / "adapter2",
+                 "--adapter-only")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from safetensors.torch import load_file
+
+    first, second = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("adapter", "adapter2"))
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
     # the base changed under the run (re-written): resuming refuses, naming both
     (base / "model.json").write_text(json.dumps(json.loads((base / "model.json").read_text()), indent=4))
     proc = _tool("-m", "megatron_opsd.train", "--config", REPO_ROOT / "tests" / "e2e" / "tiny.yaml",
