@@ -183,3 +183,33 @@ def test_init_from_adapter_exports_bit_identical(runtime, tmp_path):
     write_peft_adapter(tmp_path / "out", {k: getattr(m, n).detach() for k, m, n in adapter_items(chunks)}, lora, cfg)
     again = read_peft_adapter(str(tmp_path / "out"), cfg, lora)
     assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+
+
+def test_ema_teacher_averages_the_adapters_only(runtime):
+    """teacher: ema under LoRA: an fp32 average of the adapters (decay 0.5 here), used for the teacher
+    forward; the student keeps its own adapters; the base is untouched."""
+    from megatron_opsd.models.lora import adapter_items, attach_lora
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.opsd import AdapterTeacher
+
+    cfg = _model_cfg()
+    chunks = build_model(cfg, runtime)
+    attach_lora(chunks, cfg, LoRAConfig(rank=4, alpha=8.0), runtime, seed=0)
+    teacher = AdapterTeacher(chunks, "ema", decay=0.5)
+    first = {k: getattr(m, n).detach().clone() for k, m, n in adapter_items(chunks)}
+    with torch.no_grad():
+        for _, m, n in adapter_items(chunks):
+            getattr(m, n).add_(0.3)
+    teacher.after_optimizer_step(chunks)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 6))
+    mask = torch.triu(torch.ones(6, 6, dtype=torch.bool), 1)[None, None]
+    with torch.no_grad(), teacher.context():
+        ema_logits = chunks[0](tokens, torch.arange(6)[None], mask)
+    with torch.no_grad():
+        student_logits = chunks[0](tokens, torch.arange(6)[None], mask)
+        for key, m, n in adapter_items(chunks):
+            torch.testing.assert_close(m.ema[n], 0.5 * first[key] + 0.5 * getattr(m, n))
+            getattr(m, n).copy_(m.ema[n])  # the student set to the average: the teacher's function
+        expected = chunks[0](tokens, torch.arange(6)[None], mask)
+    torch.testing.assert_close(ema_logits, expected)
+    assert (ema_logits - student_logits).abs().max() > 1e-4
