@@ -129,6 +129,10 @@ def apply() -> bool:
     # silenced, only here: on GPU machines they point at a missing fused kernel and stay visible.
     warnings.filterwarnings("ignore", message=r"\s*(Apex is not installed|Transformer Engine and Apex are not "
                             r"installed)", category=UserWarning)
+    # Why: the placement mode below sees every torch call, including autograd's look at ``.grad`` of
+    # non-leaf tensors, which then warns (once per process) about a read nobody made on purpose.
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf",
+                            category=UserWarning)
     # Why: megatron calls these unconditionally; on a CPU build they raise "not compiled with CUDA".
     torch.cuda.current_device = lambda: 0  # an index; the mode below maps it to CPU
     torch.cuda.synchronize = lambda *a, **k: None  # p2p batching, checkpoint save

@@ -12,6 +12,7 @@ import os
 import random
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -240,8 +241,17 @@ def seed_everything(seed: int, tp_rank: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+# Warnings megatron-core 0.16.1 triggers on every run that say nothing a user can act on (its own calls
+# of torch names torch deprecated; a deprecation inside megatron's default TransformerConfig). Only
+# these are filtered: megatron's performance warnings (a missing fused kernel, ...) stay visible.
+_NOISE = ((FutureWarning, r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"),
+          (UserWarning, r"full scope is deprecated"))
+
+
 def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
     """Start (or reuse) torch.distributed and build megatron-core's parallel state for ``config``."""
+    for category, message in _NOISE:
+        warnings.filterwarnings("ignore", message=message, category=category)
     cpu_compat.check_version()  # our work-arounds (CPU patches, checkpoint loading) are for this release
     cpu_compat.apply()
     _init_process_group(config.timeout_minutes)
