@@ -234,6 +234,8 @@ def attach_lora(chunks: list[torch.nn.Module], model, cfg: LoRAConfig, runtime, 
     """Freeze every base weight of ``chunks`` and give the targeted linears adapters (PEFT's init:
     A Kaiming-uniform, drawn whole from (seed, name) so every layout gets the same adapters; B zero)."""
     tp = runtime.tp
+    if runtime.config.sequence_parallel:  # the column-parallel adapters would read a sequence shard
+        raise ValueError("lora: parallel.sequence_parallel=true is not supported with LoRA; set it to false")
     if model.num_key_value_heads % tp:
         raise ValueError(f"lora: parallel.tp={tp} above num_key_value_heads={model.num_key_value_heads} is not "
                          "supported with LoRA (replicated KV heads)")

@@ -166,3 +166,15 @@ def test_rollout_samples_with_the_adapters_on(runtime, tmp_path):
         base = [hf_greedy(model, p, 8, ()) for p in PROMPTS]
         assert engine.generate(PROMPTS, greedy).response_ids == base
     assert base != expected  # the adapters change the samples
+
+
+def test_lora_refuses_sequence_parallelism():
+    """Its column-parallel adapters read the layer input, a sequence shard under SP: refused, one line."""
+    from types import SimpleNamespace
+
+    from megatron_opsd.models.lora import attach_lora
+
+    runtime = SimpleNamespace(tp=2, config=SimpleNamespace(sequence_parallel=True))
+    with pytest.raises(ValueError, match=r"^lora: parallel\.sequence_parallel=true is not supported") as err:
+        attach_lora([], _model_cfg(), LoRAConfig(rank=4), runtime, seed=0)
+    assert "\n" not in str(err.value)

@@ -67,10 +67,12 @@ def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
     return {key: torch.randn(shape, generator=gen) * 0.2 for key, shape in peft_shapes(model_cfg, lora).items()}
 
 
-def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_microbatches=4,
-             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None):
+def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False, num_microbatches=4,
+             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False):
     one_step.calls += 1
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp), seed=5)
+    if materialised:
+        loss_cfg = dataclasses.replace(loss_cfg, fused_projection=False)
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=5)
     chunks = build_model(model_cfg, runtime, ModelBuildConfig(recompute=recompute))
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp)
     if lora is not None:
@@ -78,24 +80,28 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_micr
         load_peft_tensors(chunks, random_adapters(model_cfg, lora), "test adapters")
     ddp = wrap_ddp(chunks, runtime)
     optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=1e-2, clip_grad=1.0))
-    if lora is not None:
+    if loss_cfg.mode == "sft":
+        teacher = None
+    elif lora is not None:
         teacher = AdapterTeacher(ddp, teacher_mode)
     elif teacher_mode == "live":
         teacher = Teacher(ddp)
     else:
         frozen = FrozenTeacher.copy_of(ddp, model_cfg, runtime, ModelBuildConfig())
         teacher = frozen if teacher_mode == "initial" else EMATeacher(frozen.chunks, decay=0.5)
-    check_teacher_isolated(teacher, ddp)
+    if teacher is not None:
+        check_teacher_isolated(teacher, ddp)
     ctx = StepContext(runtime=runtime, loss=loss_cfg, temperature=1.1, vocab_size=model_cfg.vocab_size,
                       teacher=teacher)
-    before = [p.detach().clone() for c in teacher.chunks for p in c.parameters()]
+    teacher_chunks = teacher.chunks if teacher is not None else []
+    before = [p.detach().clone() for c in teacher_chunks for p in c.parameters()]
     batches = micro_batches(pairs, runtime, num_microbatches)
     if runtime.dp_rank == empty_dp_rank:  # this rank's micro-batches hold no response token
         batches = [dataclasses.replace(b, loss_mask=torch.zeros_like(b.loss_mask)) for b in batches]
     metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
-    after = [p.detach() for c in teacher.chunks for p in c.parameters()]
+    after = [p.detach() for c in teacher_chunks for p in c.parameters()]
     moved = any(not torch.equal(a, b) for a, b in zip(before, after))
-    for chunk in teacher.chunks if lora is None else []:  # (a LoRA teacher is the student with adapters off)
+    for chunk in teacher_chunks if lora is None else []:  # (a LoRA teacher is the student with adapters off)
         for name, p in chunk.named_parameters():
             if teacher_mode != "live":
                 assert p.grad is None and getattr(p, "main_grad", None) is None, f"teacher {name} got a grad"
@@ -123,7 +129,12 @@ LOSS_CONFIGS = {
     "sampled_token": dict(divergence="sampled_token", clip=None, teacher="live"),
 }
 LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")), ("PP2", dict(pp=2)), ("TP2xPP2", dict(tp=2, pp=2)),
-           ("PP2xVPP2", dict(pp=2, vpp=2)), ("TP4", dict(tp=4)), ("DP4", dict(num_microbatches=1))]
+           ("PP2xVPP2", dict(pp=2, vpp=2)), ("TP4", dict(tp=4)), ("DP4", dict(num_microbatches=1)),
+           # sequence parallelism: sequence-sharded stage messages and output-layer input
+           ("TP2+SP", dict(tp=2, sp=True)), ("TP2+SPxPP2", dict(tp=2, pp=2, sp=True)), ("TP4+SP", dict(tp=4, sp=True)),
+           ("TP2+SP materialised", dict(tp=2, sp=True, materialised=True)),
+           ("TP2+SPxPP2xVPP2", dict(tp=2, pp=2, vpp=2, sp=True, num_microbatches=2))]
+SP_LAYOUTS = [layout for layout in LAYOUTS if layout[1].get("sp")]
 
 
 def setup():
@@ -153,6 +164,7 @@ def reference(path: str) -> None:
     # LoRA, theta_0 teacher by adapter switch-off (its reference against peft: lora_reference.py)
     out["lora"], _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"),
                               teacher_mode="initial", lora=LORA)
+    out["sft"], _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"))
     # the DP check below masks out DP rank 0's two pairs: the same as training on the other six
     out["without the first two pairs"], _ = one_step(model_cfg, full, pairs[2:], LossConfig(**LOSS_CONFIGS[
         "forward_kl clip"]), num_microbatches=2)
@@ -173,13 +185,22 @@ def layouts(path: str) -> None:
     for name, fields in LOSS_CONFIGS.items():
         ref = refs[name]
         # the variants share the schedule; their kernels have their own tests
-        for layout, kwargs in LAYOUTS if name == "forward_kl clip" else LAYOUTS[:1] + LAYOUTS[2:4]:
+        for layout, kwargs in LAYOUTS if name == "forward_kl clip" else LAYOUTS[:1] + LAYOUTS[2:4] + SP_LAYOUTS[:1]:
             got, _ = one_step(model_cfg, full, pairs, LossConfig(**fields), **kwargs)
             ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
             rank_print(f"[{name}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
                        f"tokens={got['response_tokens']} {'ok' if ok else 'MISMATCH'}")
             assert got["response_tokens"] == ref["response_tokens"]
             assert ok, f"{name} {layout}: {got} vs reference {ref}"
+
+    # SFT (no teacher): interleaved (its stage messages hold the student only) and sequence parallel
+    for layout, kwargs in [LAYOUTS[4], *SP_LAYOUTS[:3], SP_LAYOUTS[-1]]:
+        got, _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"), **kwargs)
+        ref = refs["sft"]
+        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+        rank_print(f"[sft] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   f"{'ok' if ok else 'MISMATCH'}")
+        assert ok, f"sft {layout}: {got} vs reference {ref}"
 
     # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
     for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6]]:  # TP2, PP2, TP2xPP2, PP2xVPP2, DP4
