@@ -149,6 +149,22 @@ def collate_pairs(pairs: Sequence[OPSDPair], pad_id: int, *, pad_to_multiple_of:
         student_index=student_index, teacher_index=teacher_index)
 
 
+def token_budget_groups(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``costs`` grouped so each group's total is at most ``budget`` (an item above it is a
+    group of its own): first-fit over the items sorted longest first. Groups keep index order."""
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        fit = next((g for g, free in enumerate(room) if costs[i] <= free), None)
+        if fit is None:
+            groups.append([i])
+            room.append(budget - costs[i])
+        else:
+            groups[fit].append(i)
+            room[fit] -= costs[i]
+    return [sorted(g) for g in groups]
+
+
 def _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, multiple) -> OPSDMicroBatch:
     """The padded layout's tensors flattened to one row: each pair's valid entries, its index maps
     shifted by where its context starts in the packed row."""

@@ -108,3 +108,39 @@ def test_packed_step_equals_padded(runtime, mode):
     for name, g in ref_grads.items():
         assert g.abs().max() > 0 or "bias" in name, name
         torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6 * scale, msg=name)
+
+
+def test_token_budget_groups():
+    from megatron_opsd.data.batch import token_budget_groups
+
+    # longest first: 12 > budget, a group of its own; 9; 7 and 5 open groups (9+7, 7+5 > 10); 3 joins 7;
+    # 2 joins 5 (first fit: 9 has room 1, 7+3 none); 1 joins 9
+    costs = [9, 3, 7, 5, 2, 1, 12]
+    assert token_budget_groups(costs, 10) == [[6], [0, 5], [1, 2], [3, 4]]
+    gen = torch.Generator().manual_seed(0)
+    costs = torch.randint(1, 50, (40,), generator=gen).tolist()
+    groups = token_budget_groups(costs, 64)
+    assert sorted(i for g in groups for i in g) == list(range(40))
+    assert all(sum(costs[i] for i in g) <= 64 for g in groups)
+
+
+def test_token_budget_micro_batches_equal_fixed_ones(runtime):
+    """Packed micro-batches formed by token count (their number differs from the fixed split) give the
+    loss and gradients of fixed-size padded micro-batches: the loss is normalised by global tokens."""
+    from megatron_opsd.data.batch import token_budget_groups
+    from megatron_opsd.models.provider import build_model
+
+    full = {n: p.detach().clone() for n, p in build_model(tiny(), runtime)[0].state_dict().items()
+            if not n.endswith("_extra_state")}
+    pairs = pairs_10x(64, seed=2)
+    fixed = [collate_pairs(pairs[i:i + 2], 0) for i in range(0, 6, 2)]
+    costs = [len(p.student_ids) + len(p.teacher_ids) for p in pairs]
+    groups = token_budget_groups(costs, 80)
+    assert len(groups) not in (1, 3, 6)  # a split of its own
+    budget = [collate_pairs([pairs[i] for i in g], 0, pack=True) for g in groups]
+    ref, ref_grads = _step(runtime, full, fixed, "opsd")
+    got, grads = _step(runtime, full, budget, "opsd")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6 * scale, msg=name)

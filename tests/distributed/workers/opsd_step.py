@@ -36,13 +36,16 @@ RTOL = 1e-5
 NUM_PAIRS, PAD = 8, 0
 
 
-def make_pairs(vocab: int, seed: int = 3):
+def make_pairs(vocab: int, seed: int = 3, spread: bool = False):
+    """``spread``: responses of 3..4 and 30..40 tokens alternating (lengths differ 10x)."""
     gen = torch.Generator().manual_seed(seed)
     pairs = []
     for i in range(NUM_PAIRS):
         ls = int(torch.randint(3, 9, (1,), generator=gen))
         lt = ls + int(torch.randint(4, 12, (1,), generator=gen))  # teacher sees the solution too
         lr = int(torch.randint(2, 10, (1,), generator=gen))
+        if spread:
+            lr = int(torch.randint(3, 5, (1,), generator=gen)) if i % 2 else int(torch.randint(30, 41, (1,), generator=gen))
         s = torch.randint(1, vocab, (ls,), generator=gen).tolist()
         t = torch.randint(1, vocab, (lt,), generator=gen).tolist()
         r = torch.randint(1, vocab, (lr,), generator=gen).tolist()
@@ -50,12 +53,12 @@ def make_pairs(vocab: int, seed: int = 3):
     return pairs
 
 
-def micro_batches(pairs, runtime, num_microbatches):
+def micro_batches(pairs, runtime, num_microbatches, pack=False):
     """This DP rank's contiguous share of the global batch, split into micro-batches."""
     per_rank = len(pairs) // runtime.dp
     mine = pairs[runtime.dp_rank * per_rank:(runtime.dp_rank + 1) * per_rank]
     size = len(mine) // num_microbatches
-    return [collate_pairs(mine[i * size:(i + 1) * size], PAD) for i in range(num_microbatches)]
+    return [collate_pairs(mine[i * size:(i + 1) * size], PAD, pack=pack) for i in range(num_microbatches)]
 
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -68,7 +71,7 @@ def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
 
 
 def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False, num_microbatches=4,
-             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False):
+             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False, pack=False):
     one_step.calls += 1
     if materialised:
         loss_cfg = dataclasses.replace(loss_cfg, fused_projection=False)
@@ -95,7 +98,7 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False
                       teacher=teacher)
     teacher_chunks = teacher.chunks if teacher is not None else []
     before = [p.detach().clone() for c in teacher_chunks for p in c.parameters()]
-    batches = micro_batches(pairs, runtime, num_microbatches)
+    batches = micro_batches(pairs, runtime, num_microbatches, pack)
     if runtime.dp_rank == empty_dp_rank:  # this rank's micro-batches hold no response token
         batches = [dataclasses.replace(b, loss_mask=torch.zeros_like(b.loss_mask)) for b in batches]
     metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
@@ -135,6 +138,9 @@ LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")),
            ("TP2+SP materialised", dict(tp=2, sp=True, materialised=True)),
            ("TP2+SPxPP2xVPP2", dict(tp=2, pp=2, vpp=2, sp=True, num_microbatches=2))]
 SP_LAYOUTS = [layout for layout in LAYOUTS if layout[1].get("sp")]
+# packed micro-batches (2 pairs each) on pairs whose lengths differ 10x, vs padded TP1
+PACKED_LAYOUTS = [("packed TP2", dict(tp=2)), ("packed TP2+SP", dict(tp=2, sp=True)), ("packed PP2", dict(pp=2)),
+                  ("packed PP2xVPP2", dict(pp=2, vpp=2))]
 
 
 def setup():
@@ -165,6 +171,15 @@ def reference(path: str) -> None:
     out["lora"], _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"),
                               teacher_mode="initial", lora=LORA)
     out["sft"], _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"))
+    spread = make_pairs(model_cfg.vocab_size, seed=4, spread=True)
+    for mode, cfg in (("opsd", LossConfig(**LOSS_CONFIGS["forward_kl clip"])), ("sft", LossConfig(mode="sft"))):
+        ref, _ = one_step(model_cfg, full, spread, cfg)
+        packed, _ = one_step(model_cfg, full, spread, cfg, pack=True)
+        ok = close(packed["loss"], ref["loss"]) and close(packed["grad_norm"], ref["grad_norm"])
+        print(f"[{mode} 10x lengths] padded loss={ref['loss']:.8f} grad_norm={ref['grad_norm']:.8f}; "
+              f"packed {'ok' if ok else 'MISMATCH'}")
+        assert ok, (packed, ref)
+        out[f"spread {mode}"] = ref
     # the DP check below masks out DP rank 0's two pairs: the same as training on the other six
     out["without the first two pairs"], _ = one_step(model_cfg, full, pairs[2:], LossConfig(**LOSS_CONFIGS[
         "forward_kl clip"]), num_microbatches=2)
@@ -201,6 +216,17 @@ def layouts(path: str) -> None:
         rank_print(f"[sft] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
                    f"{'ok' if ok else 'MISMATCH'}")
         assert ok, f"sft {layout}: {got} vs reference {ref}"
+
+    # packed micro-batches, lengths differing 10x: as padded at TP1
+    spread = make_pairs(model_cfg.vocab_size, seed=4, spread=True)
+    for mode, cfg in (("opsd", LossConfig(**LOSS_CONFIGS["forward_kl clip"])), ("sft", LossConfig(mode="sft"))):
+        ref = refs[f"spread {mode}"]
+        for layout, kwargs in PACKED_LAYOUTS:
+            got, _ = one_step(model_cfg, full, spread, cfg, pack=True, **kwargs)
+            ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+            rank_print(f"[{mode}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                       f"{'ok' if ok else 'MISMATCH'}")
+            assert got["response_tokens"] == ref["response_tokens"] and ok, f"{mode} {layout}: {got} vs {ref}"
 
     # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
     for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6]]:  # TP2, PP2, TP2xPP2, PP2xVPP2, DP4
