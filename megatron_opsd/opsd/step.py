@@ -185,6 +185,7 @@ class PackedPositions:
     def __init__(self, chunk: torch.nn.Module):
         self.position_ids: torch.Tensor | None = None
         self._rope = weakref.ref(chunk.rotary_pos_emb) if hasattr(chunk, "rotary_pos_emb") else None
+        self._chunk = weakref.ref(chunk)
         chunk.decoder.register_forward_pre_hook(self._rotate_at_positions, with_kwargs=True)
 
     def _rotate_at_positions(self, module, args, kwargs):
@@ -196,11 +197,36 @@ class PackedPositions:
 
     @contextlib.contextmanager
     def at(self, side):
-        self.position_ids = side.position_ids if side.packed and self._rope is not None else None
+        thd = "packed_seq_params" in _model_inputs(self._chunk(), side)  # TE rotates per sequence itself
+        self.position_ids = side.position_ids if side.packed and self._rope is not None and not thd else None
         try:
             yield
         finally:
             self.position_ids = None
+
+
+def packed_seq_params(side):
+    """THD ``PackedSeqParams`` (cu_seqlens) of a packed side, for Transformer Engine attention on GPU,
+    which then attends within each pair and rotates each pair from position 0 itself (trailing padding
+    is one more sequence). Not run here: no GPU with Transformer Engine was available (untested)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    sizes = side.pack_lengths.tolist()
+    if side.tokens.shape[1] > sum(sizes):
+        sizes.append(side.tokens.shape[1] - sum(sizes))
+    cu_seqlens = torch.tensor([0, *sizes], dtype=torch.int32, device=side.tokens.device).cumsum(0, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max(sizes), max_seqlen_kv=max(sizes))
+
+
+def _model_inputs(chunk: torch.nn.Module, side) -> dict:
+    """The model call's inputs for one side: THD packed-sequence parameters under Transformer Engine
+    attention, else the explicit (block-diagonal when packed) mask."""
+    layers = getattr(unwrap(chunk).decoder, "layers", [])
+    te_attention = bool(len(layers)) and type(layers[0].self_attention.core_attention).__name__.startswith("TE")
+    if side.packed and te_attention:
+        return dict(attention_mask=None, packed_seq_params=packed_seq_params(side))
+    return dict(attention_mask=side.attention_mask)
 
 
 def _positions(chunk: torch.nn.Module) -> PackedPositions:
@@ -252,13 +278,13 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
                 _projection(teacher).at(batch.teacher_index if last else None, deferred=deferred) as head:
             teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
             teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
-                                  batch.teacher.attention_mask)
+                                  **_model_inputs(teacher, batch.teacher))
             teacher_weight = head.weight
 
     student.set_input_tensor(student_in)
     with _positions(student).at(batch.student), \
             _projection(student).at(batch.student_index if last else None, deferred=deferred) as head:
-        student_out = model(batch.student.tokens, batch.student.position_ids, batch.student.attention_mask)
+        student_out = model(batch.student.tokens, batch.student.position_ids, **_model_inputs(model, batch.student))
 
     if not last:
         if teacher_out is None:

@@ -144,3 +144,17 @@ def test_token_budget_micro_batches_equal_fixed_ones(runtime):
     scale = max(g.abs().max().item() for g in ref_grads.values())
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6 * scale, msg=name)
+
+
+def test_thd_packed_seq_params_of_a_packed_side():
+    """The THD parameters handed to Transformer Engine attention (GPU only: not run on them here)."""
+    from megatron_opsd.opsd.step import packed_seq_params
+
+    pairs = pairs_10x(64)
+    side = collate_pairs(pairs, 0, pack=True, pad_to_multiple_of=64).student
+    sizes = [len(p.student_ids) for p in pairs]
+    params = packed_seq_params(side)
+    assert side.tokens.shape[1] > sum(sizes)  # the trailing padding is a sequence of its own
+    expected = torch.tensor([0, *sizes, side.tokens.shape[1] - sum(sizes)]).cumsum(0)
+    assert params.qkv_format == "thd" and torch.equal(params.cu_seqlens_q.long(), expected)
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == int(expected.diff().max())
