@@ -44,7 +44,8 @@ def draw_pairs(args, vocab: int):
     pairs = []
     for _ in range(args.pairs):
         u = float(torch.rand((), generator=gen))
-        response = int(round(math.exp(math.log(args.min_response) + u * math.log(args.max_response / args.min_response))))
+        log_lo, log_hi = math.log(args.min_response), math.log(args.max_response)
+        response = int(round(math.exp(log_lo + u * (log_hi - log_lo))))
         pairs.append(build_pair(ids(args.prompt), ids(args.prompt + args.teacher_extra), ids(response),
                                 stop_ids=set(), max_seq_len=10**9, overlong="drop"))
     return pairs

@@ -7,15 +7,17 @@ Per micro-batch, on every pipeline stage (chunk):
     to next stage  cat([student, teacher], dim=0)              [L_s + L_t, B, H]
 
 so teacher activations are never stored for backward. With sequence parallelism (SP) every hidden
-state between layers is a sequence shard [L/TP, B, H] (both lengths are padded to a multiple of TP), so
-the message is cat([student shard, teacher shard]) [(L_s + L_t)/TP, B, H], split at L_s/TP. On the last stage the output layer runs only
-at the response positions of each context (a forward pre-hook selects them). By default
-(``loss.fused_projection``) it does not even run there: the hidden states at those positions go to
-the loss, which projects student and teacher onto the vocabulary shard a chunk of tokens at a time
-and computes the student's gradient in the same pass (``losses.projected``), so no [R, V/TP] logits
-tensor exists at any time; the reference path materialises vocab-sharded logits [B, R, V/TP] for both
-(the teacher's live only inside their micro-batch's loss function). The loss is
-``vocab_parallel_divergence`` (or a variant) summed over response tokens.
+state between layers is a sequence shard [L/TP, B, H] (both lengths are padded to a multiple of TP),
+so the message is cat([student shard, teacher shard]) [(L_s + L_t)/TP, B, H], split at L_s/TP.
+
+On the last stage the output layer runs only at the response positions of each context (a forward
+pre-hook selects them). By default (``loss.fused_projection``) it does not even run there: the hidden
+states at those positions go to the loss, which projects student and teacher onto the vocabulary shard
+a chunk of tokens at a time and computes the student's gradient in the same pass
+(``losses.projected``), so no [R, V/TP] logits tensor exists at any time; the reference path
+materialises vocab-sharded logits [B, R, V/TP] for both (the teacher's live only inside their
+micro-batch's loss function). The loss is ``vocab_parallel_divergence`` (or a variant) summed over
+response tokens.
 
 Normalisation: the loss is the mean over every response token of the step, across all micro-batches
 and data-parallel ranks. Each micro-batch's loss function returns (sum over its tokens, its token
@@ -178,8 +180,9 @@ class PackedPositions:
     each token's position id [L, B, 1, d], so a packed pair is rotated exactly as it would be alone
     (the block-diagonal mask keeps its attention to itself). RoPE scores depend on position
     differences only, so without this packing would still be right up to rounding: fp32 rotations
-    by large slot numbers round differently (tests/unit/test_packing.py sees it at 1e-6). With Transformer Engine on GPU the same
-    is THD ``PackedSeqParams`` (cu_seqlens), see ``packed_seq_params``.
+    by large slot numbers round differently (tests/unit/test_packing.py sees it at 1e-6). With
+    Transformer Engine on GPU the same is THD ``PackedSeqParams`` (cu_seqlens), see
+    ``packed_seq_params``.
     """
 
     def __init__(self, chunk: torch.nn.Module):
