@@ -32,7 +32,7 @@ import contextlib
 import math
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -391,8 +391,10 @@ def _detailed_metrics(ctx: StepContext, mask, student_logits, teacher_logits, pe
 
 
 def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_id: int) -> list[OPSDMicroBatch]:
-    """Interleaved pipelines: every micro-batch of the step one length (fixed-shape messages). Sequence
-    parallelism: each context's length a multiple of TP (the embedding scatters it over TP ranks)."""
+    """Interleaved pipelines: every micro-batch of the step one length (fixed-shape messages), and their
+    number a multiple of PP (megatron runs them in groups of PP; token-budget batching makes the
+    number vary): fully masked copies fill it up. Sequence parallelism: each context's length a
+    multiple of TP (the embedding scatters it over TP ranks)."""
     multiple = runtime.tp if runtime.config.sequence_parallel else 1
 
     def rounded(n: int) -> int:
@@ -401,7 +403,9 @@ def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_
     if runtime.vpp is not None:
         len_s = rounded(max(b.student.tokens.shape[1] for b in batches))
         len_t = rounded(max(b.teacher.tokens.shape[1] for b in batches))
-        return [pad_to_lengths(b, len_s, len_t, pad_id) for b in batches]
+        padded = [pad_to_lengths(b, len_s, len_t, pad_id) for b in batches]
+        empty = replace(padded[-1], loss_mask=torch.zeros_like(padded[-1].loss_mask))
+        return padded + [empty] * (-len(padded) % runtime.pp)
     if multiple == 1:
         return batches
     return [pad_to_lengths(b, rounded(b.student.tokens.shape[1]), rounded(b.teacher.tokens.shape[1]), pad_id)

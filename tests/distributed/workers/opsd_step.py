@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common import rank_print, tiny_llama, unsharded_params
-from megatron_opsd.data.batch import collate_pairs
+from megatron_opsd.data.batch import collate_pairs, token_budget_groups
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp
 from megatron_opsd.models.lora import LoRAConfig, attach_lora, load_peft_tensors, peft_shapes
@@ -53,10 +53,14 @@ def make_pairs(vocab: int, seed: int = 3, spread: bool = False):
     return pairs
 
 
-def micro_batches(pairs, runtime, num_microbatches, pack=False):
-    """This DP rank's contiguous share of the global batch, split into micro-batches."""
+def micro_batches(pairs, runtime, num_microbatches, pack=False, budget=None):
+    """This DP rank's contiguous share of the global batch, split into micro-batches (``budget``: packed
+    micro-batches by token count, as train.max_tokens_per_micro_batch)."""
     per_rank = len(pairs) // runtime.dp
     mine = pairs[runtime.dp_rank * per_rank:(runtime.dp_rank + 1) * per_rank]
+    if budget is not None:
+        groups = token_budget_groups([len(p.student_ids) + len(p.teacher_ids) for p in mine], budget)
+        return [collate_pairs([mine[i] for i in g], PAD, pack=True) for g in groups]
     size = len(mine) // num_microbatches
     return [collate_pairs(mine[i * size:(i + 1) * size], PAD, pack=pack) for i in range(num_microbatches)]
 
@@ -71,7 +75,8 @@ def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
 
 
 def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False, num_microbatches=4,
-             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False, pack=False):
+             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False, pack=False,
+             budget=None):
     one_step.calls += 1
     if materialised:
         loss_cfg = dataclasses.replace(loss_cfg, fused_projection=False)
@@ -98,7 +103,8 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False
                       teacher=teacher)
     teacher_chunks = teacher.chunks if teacher is not None else []
     before = [p.detach().clone() for c in teacher_chunks for p in c.parameters()]
-    batches = micro_batches(pairs, runtime, num_microbatches, pack)
+    batches = micro_batches(pairs, runtime, num_microbatches, pack, budget)
+    one_step.counts = [len(batches)]
     if runtime.dp_rank == empty_dp_rank:  # this rank's micro-batches hold no response token
         batches = [dataclasses.replace(b, loss_mask=torch.zeros_like(b.loss_mask)) for b in batches]
     metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
@@ -140,7 +146,10 @@ LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")),
 SP_LAYOUTS = [layout for layout in LAYOUTS if layout[1].get("sp")]
 # packed micro-batches (2 pairs each) on pairs whose lengths differ 10x, vs padded TP1
 PACKED_LAYOUTS = [("packed TP2", dict(tp=2)), ("packed TP2+SP", dict(tp=2, sp=True)), ("packed PP2", dict(pp=2)),
-                  ("packed PP2xVPP2", dict(pp=2, vpp=2))]
+                  ("packed PP2xVPP2", dict(pp=2, vpp=2)),
+                  # token budget 242: the two DP ranks' pairs (context tokens 243 and 242) make 2 and 1
+                  # micro-batches (checked below); interleaved, the rank with 1 gets a masked second
+                  ("budget DP2xPP2", dict(pp=2, budget=242)), ("budget PP2xVPP2", dict(pp=2, vpp=2, budget=242))]
 
 
 def setup():
@@ -223,6 +232,10 @@ def layouts(path: str) -> None:
         ref = refs[f"spread {mode}"]
         for layout, kwargs in PACKED_LAYOUTS:
             got, _ = one_step(model_cfg, full, spread, cfg, pack=True, **kwargs)
+            if "budget" in kwargs and kwargs.get("vpp") is None:
+                counts = [None] * dist.get_world_size()
+                dist.all_gather_object(counts, one_step.counts[0])
+                assert len(set(counts)) > 1, f"{layout}: every DP rank formed {counts[0]} micro-batches"
             ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
             rank_print(f"[{mode}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
                        f"{'ok' if ok else 'MISMATCH'}")
