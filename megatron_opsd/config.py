@@ -57,6 +57,10 @@ class TrainConfig:
     prompts_per_step: int = doc("Problems per step over all data-parallel ranks (the paper: 32).",
                                 default=32)
     micro_batch_size: int = doc("Pairs per micro-batch (per data-parallel rank).", default=1)
+    max_tokens_per_micro_batch: int | None = doc(
+        "Token-budget batching: micro-batches of packed pairs formed by token count (context tokens, "
+        "student + teacher; length-sorted first-fit), so their number varies per step; a longer pair "
+        "gets one of its own. null = micro_batch_size pairs per padded micro-batch.", default=None)
     load: str | None = doc(
         "Initial weights: a converted or training checkpoint directory (model weights only); null = "
         "random init (tests) or the embedded base model when warmup_sft_steps > 0.", default=None)
@@ -82,6 +86,9 @@ class TrainConfig:
         for name in ("steps", "prompts_per_step", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
+            raise ValueError(f"train.max_tokens_per_micro_batch={self.max_tokens_per_micro_batch} must be >= 1 "
+                             "(or null)")
         if self.warmup_sft_steps < 0 or self.eval_every < 0 or self.eval_problems < 0:
             raise ValueError("train.warmup_sft_steps, train.eval_every and train.eval_problems must be >= 0")
 
@@ -146,8 +153,6 @@ class JobConfig:
                              f"{self.loss.mode}: it is read only with loss.mode=opd (with LoRA the theta_0 "
                              "teacher is the base model with the adapters off)")
         if self.lora.enabled:
-            if self.parallel.sequence_parallel:
-                raise ValueError("lora.rank > 0 with parallel.sequence_parallel=true is not supported yet")
             if self.model_build.transformer_engine == "on":
                 raise ValueError("lora.rank > 0 needs the local layer spec (TE's fused layernorm-linear hides the "
                                  "adapters' input): set model_build.transformer_engine: off or auto")

@@ -30,8 +30,8 @@ class ParallelConfig:
     tp: int = doc("Tensor-parallel size (shards heads, MLP and vocabulary).", default=1)
     pp: int = doc("Pipeline-parallel size (stages of consecutive layers).", default=1)
     vpp: int | None = doc("Virtual pipeline chunks per stage (interleaved 1F1B); None = off.", default=None)
-    sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1; GPU/TE only).",
-                                  default=False)
+    sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1): activations between layers "
+                                  "are sequence-sharded over TP ranks.", default=False)
     use_distributed_optimizer: bool = doc("Shard optimizer state over data-parallel ranks.", default=True)
     overlap_grad_reduce: bool = doc("Overlap DP gradient reduce-scatter with backward.", default=False)
     timeout_minutes: int = doc("Collective timeout.", default=30)

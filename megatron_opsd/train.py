@@ -292,6 +292,13 @@ class Trainer:
             batch = collate_pairs([stub], pad)
             batch.loss_mask.zero_()
             return [batch]
+        budget = self.cfg.train.max_tokens_per_micro_batch
+        if budget is not None:  # packed, by token count (loss and grads are normalised by global tokens)
+            from megatron_opsd.data.batch import token_budget_groups
+
+            costs = [len(p.student_ids) + (len(p.teacher_ids) if self.teacher is not None else 0) for p in pairs]
+            return [collate_pairs([pairs[i] for i in group], pad, pack=True)
+                    for group in token_budget_groups(costs, budget)]
         return [collate_pairs(pairs[i:i + size], pad) for i in range(0, len(pairs), size)]
 
     def _sampling(self, *, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:

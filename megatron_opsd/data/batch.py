@@ -8,8 +8,11 @@ Masks follow megatron-core: ``attention_mask[b, 0, q, k]`` is True where query `
 key ``k`` (``k > q``, or ``k`` is padding). Padded query rows still see the real keys, so no softmax row
 is empty.
 
-Packing (THD, ``cu_seqlens``) would avoid the padding but needs Transformer Engine's fused attention,
-which the local (CPU) spec lacks: ``collate_pairs(pack=True)`` is the seam for it.
+Packing (``collate_pairs(pack=True)``): the micro-batch is one row holding every pair's context back
+to back with no padding between them (student contexts in the student row, teacher contexts in the
+teacher row), position ids restarting at 0 for each pair, and a block-diagonal causal mask confining
+attention to each pair (trailing padding, if a length is imposed, is a block of its own). The index
+maps point into the packed rows, so the loss sees exactly the tokens of the padded layout.
 """
 
 from __future__ import annotations
@@ -35,6 +38,13 @@ class SideBatch:
     """[B, 1, L, L] bool, True = masked out (causal + key padding)."""
     lengths: torch.Tensor
     """[B] int64, unpadded sequence lengths."""
+    pack_lengths: torch.Tensor
+    """[N] int64, the lengths of the N sequences in order: one per row (== ``lengths``), or, packed
+    (B == 1), the sequences packed back to back in the row."""
+
+    @property
+    def packed(self) -> bool:
+        return self.pack_lengths.numel() != self.tokens.shape[0]
 
 
 @dataclass
@@ -86,20 +96,33 @@ def _side(sequences: Sequence[list[int]], pad_id: int, multiple: int, length: in
     padding_bl = positions[None, :] >= lengths[:, None]
     mask = future_ll[None, None] | padding_bl[:, None, None, :]
     return SideBatch(tokens=tokens, position_ids=positions.expand(num, length).clone(),
-                     attention_mask=mask, lengths=lengths)
+                     attention_mask=mask, lengths=lengths, pack_lengths=lengths.clone())
+
+
+def _packed_side(sequences: Sequence[list[int]], pad_id: int, multiple: int, length: int | None = None) -> SideBatch:
+    sizes = [len(ids) for ids in sequences]
+    total = sum(sizes)
+    if length is not None and length < total:
+        raise ValueError(f"cannot pad to length {length}: the packed sequences have {total} tokens")
+    length = length if length is not None else _padded_length(total, multiple)
+    tokens = torch.full((1, length), pad_id, dtype=torch.long)
+    tokens[0, :total] = torch.tensor([t for ids in sequences for t in ids], dtype=torch.long)
+    blocks = sizes + ([length - total] if length > total else [])
+    segment = torch.repeat_interleave(torch.arange(len(blocks)), torch.tensor(blocks))
+    positions = torch.cat([torch.arange(n) for n in blocks])
+    slots = torch.arange(length)
+    mask = (slots[None, :] > slots[:, None]) | (segment[None, :] != segment[:, None])
+    return SideBatch(tokens=tokens, position_ids=positions[None], attention_mask=mask[None, None],
+                     lengths=torch.tensor([total]), pack_lengths=torch.tensor(sizes, dtype=torch.long))
 
 
 def collate_pairs(pairs: Sequence[OPSDPair], pad_id: int, *, pad_to_multiple_of: int = 1,
                   pack: bool = False) -> OPSDMicroBatch:
-    """Collate pairs into a padded micro-batch.
+    """Collate pairs into a padded micro-batch, or with ``pack=True`` into one packed row per side.
 
     ``pad_to_multiple_of`` rounds each side's length up (e.g. to the tensor-parallel size for sequence
-    parallelism). ``pack=True`` (THD packed sequences) is not implemented.
+    parallelism). Packed, the index maps, response ids and loss mask are [1, sum of response lengths].
     """
-    if pack:
-        raise NotImplementedError(
-            "packed (THD) sequences need Transformer Engine's fused attention with cu_seqlens, which "
-            "the local megatron-core spec used on CPU does not have; use padded micro-batches (pack=False)")
     if not pairs:
         raise ValueError("collate_pairs: no pairs to collate")
     if pad_to_multiple_of < 1:
@@ -117,11 +140,43 @@ def collate_pairs(pairs: Sequence[OPSDPair], pad_id: int, *, pad_to_multiple_of:
         clamped = offsets.clamp(max=size - 1)  # padded entries repeat the last valid position
         student_index[b] = pair.student_start + clamped
         teacher_index[b] = pair.teacher_start + clamped
+    if pack:
+        return _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, pad_to_multiple_of)
     return OPSDMicroBatch(
         student=_side([p.student_ids for p in pairs], pad_id, pad_to_multiple_of),
         teacher=_side([p.teacher_ids for p in pairs], pad_id, pad_to_multiple_of),
         response_ids=response_ids, loss_mask=loss_mask,
         student_index=student_index, teacher_index=teacher_index)
+
+
+def token_budget_groups(costs: Sequence[int], budget: int) -> list[list[int]]:
+    """Indices of ``costs`` grouped so each group's total is at most ``budget`` (an item above it is a
+    group of its own): first-fit over the items sorted longest first. Groups keep index order."""
+    groups: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        fit = next((g for g, free in enumerate(room) if costs[i] <= free), None)
+        if fit is None:
+            groups.append([i])
+            room.append(budget - costs[i])
+        else:
+            groups[fit].append(i)
+            room[fit] -= costs[i]
+    return [sorted(g) for g in groups]
+
+
+def _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, multiple) -> OPSDMicroBatch:
+    """The padded layout's tensors flattened to one row: each pair's valid entries, its index maps
+    shifted by where its context starts in the packed row."""
+    keep = loss_mask.flatten() > 0
+    offset_s = torch.tensor([0] + [len(p.student_ids) for p in pairs]).cumsum(0)[:-1, None]
+    offset_t = torch.tensor([0] + [len(p.teacher_ids) for p in pairs]).cumsum(0)[:-1, None]
+    return OPSDMicroBatch(
+        student=_packed_side([p.student_ids for p in pairs], pad_id, multiple),
+        teacher=_packed_side([p.teacher_ids for p in pairs], pad_id, multiple),
+        response_ids=response_ids.flatten()[keep][None], loss_mask=loss_mask.flatten()[keep][None],
+        student_index=(student_index + offset_s).flatten()[keep][None],
+        teacher_index=(teacher_index + offset_t).flatten()[keep][None])
 
 
 def gather_response_positions(x: torch.Tensor, index: torch.Tensor, *,
@@ -151,6 +206,9 @@ def pad_to_lengths(batch: OPSDMicroBatch, student_len: int, teacher_len: int, pa
     """
 
     def repad(side: SideBatch, length: int) -> SideBatch:
+        if side.packed:
+            packed = side.tokens[0, :int(side.lengths[0])].split(side.pack_lengths.tolist())
+            return _packed_side([ids.tolist() for ids in packed], pad_id, 1, length)
         rows = [side.tokens[b, :n].tolist() for b, n in enumerate(side.lengths.tolist())]
         return _side(rows, pad_id, 1, length)
 

@@ -12,6 +12,11 @@ delta = (alpha / r) B A x). Tensor parallelism:
   replicated. The partial product A_local x_local rides the layer's own output all-reduce (appended to
   its output before the reduction: one collective, r columns wider), then B is applied to the sum.
 
+With sequence parallelism the layers' inputs (column) and outputs (row) are sequence shards: the
+column adapters all-gather h over the sequence (backward: reduce-scatter), the row adapters' partial
+product rides the layer's reduce-scatter; the replicated A (column) and B (row) then see only their
+sequence shard's gradient and are marked ``sequence_parallel`` so megatron sums them over TP.
+
 The adapters are children of the attention/MLP module (``linear_qkv_lora``, ...) with their own sharded
 state dict (B split on dim 0, resp. A on dim 1), so megatron's dist checkpoints reshard them to any
 TP/PP layout. ``active`` switches an adapter between the student's weights (``"on"``), nothing
@@ -79,8 +84,9 @@ class LoRAAdapters(torch.nn.Module):
     """The adapters of one megatron linear (its fused HF projections), installed on that linear."""
 
     def __init__(self, linear: torch.nn.Module, kind: str, shapes: dict[str, tuple[int, int]], cfg: LoRAConfig,
-                 tp_rank: int, tp: int, tp_group, layout=None):
+                 tp_rank: int, tp: int, tp_group, layout=None, sequence_parallel: bool = False):
         super().__init__()
+        self.sequence_parallel = sequence_parallel
         self.kind, self.rank, self.scaling, self.tp, self.tp_rank, self.tp_group = kind, cfg.rank, cfg.scaling, tp, \
             tp_rank, tp_group
         self.projections = [p for p in shapes if p in cfg.targets]
@@ -104,6 +110,10 @@ class LoRAAdapters(torch.nn.Module):
                     from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
 
                     set_tensor_model_parallel_attributes(param, is_parallel=True, dim=split[1], stride=1)
+                elif sequence_parallel:
+                    # replicated, but each rank's gradient covers its sequence shard only: megatron's
+                    # finalize_model_grads sums such parameters' gradients over TP (as for norms)
+                    param.sequence_parallel = True
                 self.register_parameter(f"{p}_{side}", param)
         self._install(linear)
 
@@ -164,12 +174,15 @@ class LoRAAdapters(torch.nn.Module):
         linear.forward = forward
 
     def _column_delta(self, x: torch.Tensor) -> torch.Tensor:
-        from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
+        from megatron.core.tensor_parallel.mappings import (copy_to_tensor_model_parallel_region,
+                                                            gather_from_sequence_parallel_region)
 
         x = self.dropout(x) if self.dropout is not None else x
         a_all = torch.cat([self.weights(p)[0] for p in self.projections])  # [n * r, H]: one matmul
         h = x @ a_all.t()
-        if self.tp > 1:  # identity forward; backward all-reduces dh over TP (B is split by rows)
+        if self.sequence_parallel:  # x is this rank's sequence shard: all of h, backward reduce-scatters dh
+            h = gather_from_sequence_parallel_region(h, tensor_parallel_output_grad=True, group=self.tp_group)
+        elif self.tp > 1:  # identity forward; backward all-reduces dh over TP (B is split by rows)
             h = copy_to_tensor_model_parallel_region(h, group=self.tp_group)
         deltas = {}
         for i, p in enumerate(self.projections):
@@ -255,7 +268,7 @@ def attach_lora(chunks: list[torch.nn.Module], model, cfg: LoRAConfig, runtime, 
                     raise ValueError("LoRA needs the local layer spec (Transformer Engine's fused layernorm-linear "
                                      "hides the adapters' input): set model_build.transformer_engine: off")
                 lora = LoRAAdapters(linear, kind, shapes[linear_name], cfg, runtime.tp_rank, tp, runtime.tp_group,
-                                    layouts.get(linear_name))
+                                    layouts.get(linear_name), sequence_parallel=runtime.config.sequence_parallel)
                 parent.add_module(f"{linear_name}_lora", lora)
     init_adapters(chunks, seed)
 

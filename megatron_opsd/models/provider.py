@@ -149,7 +149,60 @@ def layer_spec(model: ModelConfig, build: ModelBuildConfig):
             raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable, "
                              "CUDA is absent, or megatron-core cannot use the installed TE: use auto or off")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
-    return gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+    return _replace_modules(spec, _torch_norm_class(), RMSNormSP)
+
+
+class RMSNormSP:
+    """The local spec's norm (``torch.nn.RMSNorm``), also under sequence parallelism.
+
+    megatron-core's ``WrappedTorchNorm`` asserts ``not config.sequence_parallel``. The norm itself is
+    per token, so on a sequence shard it is exact; what SP needs is that each TP rank's weight gradient
+    (from its own tokens) is summed over TP: megatron's ``finalize_model_grads`` does that for params
+    marked ``sequence_parallel`` (as TE's and Apex's norms mark theirs).
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_):
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"RMSNormSP: normalization={config.normalization!r}")
+        norm = torch.nn.RMSNorm(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _torch_norm_class():
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    return WrappedTorchNorm
+
+
+def _replace_modules(spec, old, new):
+    """``spec`` (a megatron ``ModuleSpec`` tree) with every ``old`` module class replaced by ``new``."""
+    import dataclasses
+
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if spec is old:
+        return new
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, module=_replace_modules(spec.module, old, new),
+                                   submodules=_replace_modules(spec.submodules, old, new))
+    if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
+        return dataclasses.replace(spec, **{f.name: _replace_modules(getattr(spec, f.name), old, new)
+                                            for f in dataclasses.fields(spec) if f.init})
+    return spec
+
+
+def block_spec(spec, config, vp_stage: int | None, pp_rank: int):
+    """The local layer spec as a whole block whose final norm is ``RMSNormSP`` too (megatron-core
+    would build its module-level default, ``WrappedTorchNorm``); other specs as they are."""
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    if spec.submodules.input_layernorm is not RMSNormSP:
+        return spec
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage, pp_rank),
+                                      layer_norm=RMSNormSP)
 
 
 def rope_kwargs(model: ModelConfig) -> dict:
@@ -184,7 +237,7 @@ def build_model(model: ModelConfig, runtime: ParallelRuntime,
         post = runtime.is_last_stage and vp_stage == num_chunks - 1
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=block_spec(spec, config, vp_stage if runtime.vpp else None, runtime.pp_rank),
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,

@@ -6,14 +6,18 @@ Per micro-batch, on every pipeline stage (chunk):
     student part   autograd, student weights, student context [L_s, B, H]
     to next stage  cat([student, teacher], dim=0)              [L_s + L_t, B, H]
 
-so teacher activations are never stored for backward. On the last stage the output layer runs only
-at the response positions of each context (a forward pre-hook selects them). By default
-(``loss.fused_projection``) it does not even run there: the hidden states at those positions go to
-the loss, which projects student and teacher onto the vocabulary shard a chunk of tokens at a time
-and computes the student's gradient in the same pass (``losses.projected``), so no [R, V/TP] logits
-tensor exists at any time; the reference path materialises vocab-sharded logits [B, R, V/TP] for both
-(the teacher's live only inside their micro-batch's loss function). The loss is
-``vocab_parallel_divergence`` (or a variant) summed over response tokens.
+so teacher activations are never stored for backward. With sequence parallelism (SP) every hidden
+state between layers is a sequence shard [L/TP, B, H] (both lengths are padded to a multiple of TP),
+so the message is cat([student shard, teacher shard]) [(L_s + L_t)/TP, B, H], split at L_s/TP.
+
+On the last stage the output layer runs only at the response positions of each context (a forward
+pre-hook selects them). By default (``loss.fused_projection``) it does not even run there: the hidden
+states at those positions go to the loss, which projects student and teacher onto the vocabulary shard
+a chunk of tokens at a time and computes the student's gradient in the same pass
+(``losses.projected``), so no [R, V/TP] logits tensor exists at any time; the reference path
+materialises vocab-sharded logits [B, R, V/TP] for both (the teacher's live only inside their
+micro-batch's loss function). The loss is ``vocab_parallel_divergence`` (or a variant) summed over
+response tokens.
 
 Normalisation: the loss is the mean over every response token of the step, across all micro-batches
 and data-parallel ranks. Each micro-batch's loss function returns (sum over its tokens, its token
@@ -29,7 +33,7 @@ import math
 import os
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 import torch
@@ -63,6 +67,14 @@ class ResponseProjection:
     apply (backward all-reduces their gradient over TP), and records the weight it would have used
     (its own, or the tied embedding passed in) in ``weight``: the loss then projects chunk by chunk
     (``losses.projected``), so no [R, V/TP] logits tensor ever exists.
+
+    With sequence parallelism the output layer's input is this rank's sequence shard [L/TP, B, H];
+    its own forward would all-gather the whole [L, B, H]. Instead each rank picks the response rows it
+    holds (zeros elsewhere) and one all-reduce over TP assembles [B, R, H]; the output layer (or the
+    fused loss) then runs on those rows without any further gather. Collectives per micro-batch and
+    context on the last stage: forward, one all-reduce of B*R*H over TP (instead of the all-gather of
+    L*B*H); backward (student), one all-reduce of the [B, R, H] gradient over TP (instead of the
+    reduce-scatter of [L, B, H]), from which each rank keeps its own rows. The same in both paths.
     """
 
     def __init__(self, chunk: torch.nn.Module):
@@ -71,9 +83,7 @@ class ResponseProjection:
         self.weight: torch.Tensor | None = None
         output_layer = getattr(chunk, "output_layer", None)
         if output_layer is not None and getattr(chunk, "post_process", False):
-            if getattr(output_layer, "sequence_parallel", False):
-                raise ValueError("sequence parallelism is not supported by the OPSD step yet: the output "
-                                 "layer's input is sequence-sharded; set parallel.sequence_parallel=false")
+            self._sequence_parallel = bool(getattr(output_layer, "sequence_parallel", False))
             output_layer.register_forward_pre_hook(self._select, with_kwargs=True)
             # a weak reference: the layer holds this object (its forward), so a strong one back would
             # make a cycle and keep a dropped model's weights alive until the cyclic GC runs
@@ -85,14 +95,23 @@ class ResponseProjection:
         if self.index is None:
             return None
         hidden_lbh = args[0]
-        selected_rbh = gather_response_positions(hidden_lbh, self.index).transpose(0, 1).contiguous()
-        return (selected_rbh, *args[1:]), kwargs
+        if self._sequence_parallel:
+            selected_brh = _gather_from_sequence_shards(hidden_lbh, self.index, self._tp_group)
+        else:
+            selected_brh = gather_response_positions(hidden_lbh, self.index)
+        return (selected_brh.transpose(0, 1).contiguous(), *args[1:]), kwargs
 
     def _forward(self, input_, weight=None, runtime_gather_output=None):
         layer = self._layer()
-        if not (self.deferred and self.index is not None):
+        if self.index is None or not (self.deferred or self._sequence_parallel):
             return type(layer).forward(layer, input_, weight=weight, runtime_gather_output=runtime_gather_output)
-        self.weight = layer.weight if weight is None else weight
+        weight = layer.weight if weight is None else weight
+        if self._sequence_parallel:  # whole rows already, their gradient reduced over TP (_select)
+            if self.deferred:
+                self.weight = weight
+                return input_, None
+            return torch.matmul(input_, weight.t()), None  # vocab-sharded logits, as parallel_output
+        self.weight = weight
         return _ReduceGradOverTP.apply(input_, self._tp_group), None
 
     @contextlib.contextmanager
@@ -124,6 +143,103 @@ class _ReduceGradOverTP(torch.autograd.Function):
         return grad, None
 
 
+def _gather_from_sequence_shards(hidden_lbh: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
+    """``gather_response_positions`` of the whole sequence, given this rank's shard [L/TP, B, H] of it
+    (rank ``r`` holds positions ``r*L/TP .. (r+1)*L/TP - 1``): [B, R, H] on every rank."""
+    local = hidden_lbh.shape[0]
+    start = dist.get_rank(group) * local
+    own_br = (index >= start) & (index < start + local)
+    picked = gather_response_positions(hidden_lbh, (index - start).clamp(0, local - 1))
+    return _SumOverTP.apply(picked * own_br[..., None].to(picked.dtype), group)
+
+
+class _SumOverTP(torch.autograd.Function):
+    """All-reduce (sum) over the TP group in forward, and of the gradient in backward: every rank
+    computes its vocabulary shard's part of the loss from the same rows, so each row's gradient is
+    the sum of the ranks' parts."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        x = x.contiguous()
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class PackedPositions:
+    """RoPE at each token's position id, for packed micro-batches (``collate_pairs(pack=True)``).
+
+    megatron-core's GPTModel rotates by slot (0 .. L-1) and ignores ``position_ids`` under RoPE; in a
+    packed row each pair's positions restart at 0. While ``at(side)`` holds a packed side, a forward
+    pre-hook on the decoder replaces the rotary table [L, 1, 1, d] by megatron's own table gathered at
+    each token's position id [L, B, 1, d], so a packed pair is rotated exactly as it would be alone
+    (the block-diagonal mask keeps its attention to itself). RoPE scores depend on position
+    differences only, so without this packing would still be right up to rounding: fp32 rotations
+    by large slot numbers round differently (tests/unit/test_packing.py sees it at 1e-6). With
+    Transformer Engine on GPU the same is THD ``PackedSeqParams`` (cu_seqlens), see
+    ``packed_seq_params``.
+    """
+
+    def __init__(self, chunk: torch.nn.Module):
+        self.position_ids: torch.Tensor | None = None
+        self._rope = weakref.ref(chunk.rotary_pos_emb) if hasattr(chunk, "rotary_pos_emb") else None
+        self._chunk = weakref.ref(chunk)
+        chunk.decoder.register_forward_pre_hook(self._rotate_at_positions, with_kwargs=True)
+
+    def _rotate_at_positions(self, module, args, kwargs):
+        if self.position_ids is None or kwargs.get("rotary_pos_emb") is None:
+            return None
+        table = self._rope()(int(self.position_ids.max()) + 1)  # [P, 1, 1, d]
+        kwargs["rotary_pos_emb"] = table[:, 0][self.position_ids.t()]  # [L, B, 1, d]
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def at(self, side):
+        thd = "packed_seq_params" in _model_inputs(self._chunk(), side)  # TE rotates per sequence itself
+        self.position_ids = side.position_ids if side.packed and self._rope is not None and not thd else None
+        try:
+            yield
+        finally:
+            self.position_ids = None
+
+
+def packed_seq_params(side):
+    """THD ``PackedSeqParams`` (cu_seqlens) of a packed side, for Transformer Engine attention on GPU,
+    which then attends within each pair and rotates each pair from position 0 itself (trailing padding
+    is one more sequence). Not run here: no GPU with Transformer Engine was available (untested)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    sizes = side.pack_lengths.tolist()
+    if side.tokens.shape[1] > sum(sizes):
+        sizes.append(side.tokens.shape[1] - sum(sizes))
+    cu_seqlens = torch.tensor([0, *sizes], dtype=torch.int32, device=side.tokens.device).cumsum(0, dtype=torch.int32)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                           max_seqlen_q=max(sizes), max_seqlen_kv=max(sizes))
+
+
+def _model_inputs(chunk: torch.nn.Module, side) -> dict:
+    """The model call's inputs for one side: THD packed-sequence parameters under Transformer Engine
+    attention, else the explicit (block-diagonal when packed) mask."""
+    layers = getattr(unwrap(chunk).decoder, "layers", [])
+    te_attention = bool(len(layers)) and type(layers[0].self_attention.core_attention).__name__.startswith("TE")
+    if side.packed and te_attention:
+        return dict(attention_mask=None, packed_seq_params=packed_seq_params(side))
+    return dict(attention_mask=side.attention_mask)
+
+
+def _positions(chunk: torch.nn.Module) -> PackedPositions:
+    chunk = unwrap(chunk)
+    if not hasattr(chunk, "_opsd_positions"):
+        chunk._opsd_positions = PackedPositions(chunk)
+    return chunk._opsd_positions
+
+
 def _projection(chunk: torch.nn.Module) -> ResponseProjection:
     if not hasattr(chunk, "_opsd_projection"):
         chunk._opsd_projection = ResponseProjection(chunk)
@@ -152,6 +268,8 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     last = bool(student.post_process)
     received = student.decoder.input_tensor  # set by the schedule; None where this chunk embeds
     len_s = batch.student.tokens.shape[1]
+    if ctx.runtime.config.sequence_parallel:  # stage messages are sequence shards
+        len_s //= ctx.runtime.tp
     student_in = teacher_in = None
     if received is not None:
         student_in, teacher_in = received[:len_s], received[len_s:]
@@ -160,16 +278,17 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     teacher_out = teacher_weight = None
     if ctx.teacher is not None:
         teacher = ctx.teacher.chunks[chunk_id]
-        with torch.no_grad(), ctx.teacher.context(), \
+        with torch.no_grad(), ctx.teacher.context(), _positions(teacher).at(batch.teacher), \
                 _projection(teacher).at(batch.teacher_index if last else None, deferred=deferred) as head:
             teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
             teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
-                                  batch.teacher.attention_mask)
+                                  **_model_inputs(teacher, batch.teacher))
             teacher_weight = head.weight
 
     student.set_input_tensor(student_in)
-    with _projection(student).at(batch.student_index if last else None, deferred=deferred) as head:
-        student_out = model(batch.student.tokens, batch.student.position_ids, batch.student.attention_mask)
+    with _positions(student).at(batch.student), \
+            _projection(student).at(batch.student_index if last else None, deferred=deferred) as head:
+        student_out = model(batch.student.tokens, batch.student.position_ids, **_model_inputs(model, batch.student))
 
     if not last:
         if teacher_out is None:
@@ -272,22 +391,39 @@ def _detailed_metrics(ctx: StepContext, mask, student_logits, teacher_logits, pe
     return out
 
 
-def pad_for_interleaving(batches: list[OPSDMicroBatch], pad_id: int) -> list[OPSDMicroBatch]:
-    len_s = max(b.student.tokens.shape[1] for b in batches)
-    len_t = max(b.teacher.tokens.shape[1] for b in batches)
-    return [pad_to_lengths(b, len_s, len_t, pad_id) for b in batches]
+def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_id: int) -> list[OPSDMicroBatch]:
+    """Interleaved pipelines: every micro-batch of the step one length (fixed-shape messages), and their
+    number a multiple of PP (megatron runs them in groups of PP; token-budget batching makes the
+    number vary): fully masked copies fill it up. Sequence parallelism: each context's length a
+    multiple of TP (the embedding scatters it over TP ranks)."""
+    multiple = runtime.tp if runtime.config.sequence_parallel else 1
+
+    def rounded(n: int) -> int:
+        return -(-n // multiple) * multiple
+
+    if runtime.vpp is not None:
+        len_s = rounded(max(b.student.tokens.shape[1] for b in batches))
+        len_t = rounded(max(b.teacher.tokens.shape[1] for b in batches))
+        padded = [pad_to_lengths(b, len_s, len_t, pad_id) for b in batches]
+        empty = replace(padded[-1], loss_mask=torch.zeros_like(padded[-1].loss_mask))
+        return padded + [empty] * (-len(padded) % runtime.pp)
+    if multiple == 1:
+        return batches
+    return [pad_to_lengths(b, rounded(b.student.tokens.shape[1]), rounded(b.teacher.tokens.shape[1]), pad_id)
+            for b in batches]
 
 
 def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: list[OPSDMicroBatch], *,
                  pad_id: int, forward_only: bool = False, grad_scale_func=None) -> dict:
     """Forward (and backward) of this DP rank's micro-batches; returns globally reduced metrics."""
     runtime = ctx.runtime
-    if runtime.vpp is not None:
-        batches = pad_for_interleaving(batches, pad_id)
+    batches = pad_for_layout(batches, runtime, pad_id)
     batches = [b.to(runtime.device) for b in batches]
     items = list(enumerate(batches))
     iterators = [iter(items) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(items)
-    longest = max(b.student.tokens.shape[1] + b.teacher.tokens.shape[1] for b in batches)
+    # the stage message: the student context, and the teacher's when there is a teacher (not in sft)
+    longest = max(b.student.tokens.shape[1] + (b.teacher.tokens.shape[1] if ctx.teacher is not None else 0)
+                  for b in batches)
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         stored = forward_backward(
             ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,

@@ -70,9 +70,6 @@ class MegatronRolloutEngine:
         self.max_batch_size = max_batch_size
         self.kv_cache = kv_cache
         config = _unwrap(self.chunks[0]).config
-        if config.sequence_parallel:
-            raise ValueError("rollout does not support sequence_parallel=true (stage activations would be "
-                             "sequence-sharded); turn it off or use an external rollout engine")
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 (or None: one batch)")
         if not 0 <= pad_id < vocab_size:
@@ -220,7 +217,8 @@ class MegatronRolloutEngine:
                 if getattr(model, "post_process", False):
                     hooks.append(model.output_layer.register_forward_pre_hook(_last_position_sharded,
                                                                               with_kwargs=True))
-            with torch.no_grad(), cpu_compat.placement_context():
+            with torch.no_grad(), cpu_compat.placement_context(), \
+                    sequence_parallel_off([_unwrap(c) for c in self.chunks]):
                 yield
         finally:
             for hook in hooks:
@@ -243,6 +241,31 @@ class MegatronRolloutEngine:
         bad_stops = [t for t in sampling.stop_ids if t >= self.vocab_size]
         if bad_stops:
             raise ValueError(f"sampling.stop_ids {bad_stops} are outside [0, vocab_size={self.vocab_size})")
+
+
+@contextlib.contextmanager
+def sequence_parallel_off(models: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Run ``models`` without sequence parallelism (restored on exit).
+
+    Decoding feeds one new token per sequence per step, which cannot be split over TP ranks. SP only
+    changes where activations live between layers (whole on every TP rank instead of a sequence shard
+    each), not the function: the same weights decode as without SP. megatron-core reads the flag from
+    the shared ``TransformerConfig`` and from the copies its modules took at construction (parallel
+    linears' ``sequence_parallel``, the embedding's ``reduce_scatter_embeddings``).
+    """
+    config = models[0].config
+    flags = [(m, name) for model in models for m in model.modules()
+             for name in ("sequence_parallel", "reduce_scatter_embeddings") if getattr(m, name, None) is True]
+    was = config.sequence_parallel
+    try:
+        config.sequence_parallel = False
+        for module, name in flags:
+            setattr(module, name, False)
+        yield
+    finally:
+        config.sequence_parallel = was
+        for module, name in flags:
+            setattr(module, name, True)
 
 
 def _attention_keep(real_bt: torch.Tensor, slots_t: torch.Tensor, start: int, end: int) -> torch.Tensor:

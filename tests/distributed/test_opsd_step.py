@@ -19,7 +19,9 @@ def test_opsd_step_is_layout_invariant(tmp_path):
     out = run_torchrun(WORKERS / "opsd_step.py", 4, ref)
     assert "opsd_step: all checks passed" in out, out[-5000:]
     for layout in ("TP2 ", "TP2 recompute", "PP2 ", "TP2xPP2", "PP2xVPP2", "TP4", "DP4", "teacher=initial",
-                   "teacher=ema"):
+                   "teacher=ema", "TP2+SP ", "TP2+SPxPP2 ", "TP4+SP", "TP2+SP materialised", "TP2+SPxPP2xVPP2",
+                   "[sft] PP2xVPP2", "[sft] TP2+SPxPP2xVPP2", "[opsd] packed TP2+SP", "[opsd] packed PP2xVPP2",
+                   "[sft] packed PP2 "):
         assert layout in out, f"{layout!r} did not run:\n{out[-5000:]}"
 
 

@@ -178,3 +178,15 @@ def test_exported_hf_model_gives_the_checkpoints_greedy_output(tmp_path):
             out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_new,
                                  min_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
         assert out[0, len(prompt):].tolist() == response, (prompt, response, out)
+
+
+@pytest.mark.distributed
+def test_sequence_parallel_with_token_budget_batching_trains_like_plain_tp2(tmp_path):
+    """TP2 with sequence parallelism (rollout and evaluation decode with it off) and packed token-budget
+    micro-batches: the first step (same rollouts: same start weights) has plain TP2's loss."""
+    common = ("--train.steps", "1", "--logging.tensorboard", "false", "--checkpoint.save_every", "0")
+    out, plain = train(tmp_path, 2, *common, name="plain")
+    out_sp, sp = train(tmp_path, 2, *common, "--parallel.sequence_parallel", "true",
+                       "--train.max_tokens_per_micro_batch", "200", name="sp")
+    a, b = train_losses(plain)[1], train_losses(sp)[1]
+    assert abs(a - b) <= 1e-5 * abs(a) + 1e-6, (a, b, out_sp[-3000:])

@@ -16,11 +16,13 @@ ITEMS = {  # test name prefix -> what it covers on CUDA
     "test_checkpoints_load_across_extra_state": "2 _extra_state tolerant loads",
     "test_rollout_attention": "9 rollout attention (unit)",
     "test_greedy": "rollout greedy parity with transformers",
+    "test_packing_on_off_on_cuda": "packing on vs off, token budget vs fixed (local spec)",
 }
 NOT_COVERED = [
     "Transformer Engine layer spec (TE is not installed on the check machine)",
     "multi-GPU NCCL: TP/PP/DP across GPUs, the distributed optimizer across ranks",
     "context parallelism, sequence parallelism, FP8, Apex fused kernels",
+    "packed micro-batches as THD PackedSeqParams (Transformer Engine attention)",
 ]
 
 

@@ -228,11 +228,15 @@ def test_gather_layouts_agree_and_carry_gradients():
         gather_response_positions(hidden_lbd, index[:2])
 
 
-def test_packed_sequences_are_a_documented_seam():
+def test_one_pair_packed_is_the_padded_micro_batch_and_moves():
+    """Packing itself: tests/unit/test_packing.py."""
     pair = build_pair([1, 2], [1, 2, 3], [4], stop_ids={0}, max_seq_len=8, overlong="drop")
-    with pytest.raises(NotImplementedError, match="Transformer Engine"):
-        collate_pairs([pair], pad_id=0, pack=True)
+    packed = collate_pairs([pair], pad_id=0, pack=True)
     mb = collate_pairs([pair], pad_id=0)
+    for side_p, side in ((packed.student, mb.student), (packed.teacher, mb.teacher)):
+        assert not side_p.packed and all(torch.equal(getattr(side_p, f), getattr(side, f)) for f in
+                                         ("tokens", "position_ids", "attention_mask", "lengths", "pack_lengths"))
+    assert torch.equal(packed.student_index, mb.student_index) and torch.equal(packed.loss_mask, mb.loss_mask)
     moved = mb.to("cpu")
     assert moved is not mb and torch.equal(moved.teacher.attention_mask, mb.teacher.attention_mask)
     assert torch.equal(moved.student_index, mb.student_index) and mb.num_response_tokens == 1

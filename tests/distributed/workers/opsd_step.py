@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from common import rank_print, tiny_llama, unsharded_params
-from megatron_opsd.data.batch import collate_pairs
+from megatron_opsd.data.batch import collate_pairs, token_budget_groups
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp
 from megatron_opsd.models.lora import LoRAConfig, attach_lora, load_peft_tensors, peft_shapes
@@ -36,13 +36,16 @@ RTOL = 1e-5
 NUM_PAIRS, PAD = 8, 0
 
 
-def make_pairs(vocab: int, seed: int = 3):
+def make_pairs(vocab: int, seed: int = 3, spread: bool = False):
+    """``spread``: responses of 3..4 and 30..40 tokens alternating (lengths differ 10x)."""
     gen = torch.Generator().manual_seed(seed)
     pairs = []
     for i in range(NUM_PAIRS):
         ls = int(torch.randint(3, 9, (1,), generator=gen))
         lt = ls + int(torch.randint(4, 12, (1,), generator=gen))  # teacher sees the solution too
         lr = int(torch.randint(2, 10, (1,), generator=gen))
+        if spread:
+            lr = int(torch.randint(3, 5, (1,), generator=gen)) if i % 2 else int(torch.randint(30, 41, (1,), generator=gen))
         s = torch.randint(1, vocab, (ls,), generator=gen).tolist()
         t = torch.randint(1, vocab, (lt,), generator=gen).tolist()
         r = torch.randint(1, vocab, (lr,), generator=gen).tolist()
@@ -50,12 +53,16 @@ def make_pairs(vocab: int, seed: int = 3):
     return pairs
 
 
-def micro_batches(pairs, runtime, num_microbatches):
-    """This DP rank's contiguous share of the global batch, split into micro-batches."""
+def micro_batches(pairs, runtime, num_microbatches, pack=False, budget=None):
+    """This DP rank's contiguous share of the global batch, split into micro-batches (``budget``: packed
+    micro-batches by token count, as train.max_tokens_per_micro_batch)."""
     per_rank = len(pairs) // runtime.dp
     mine = pairs[runtime.dp_rank * per_rank:(runtime.dp_rank + 1) * per_rank]
+    if budget is not None:
+        groups = token_budget_groups([len(p.student_ids) + len(p.teacher_ids) for p in mine], budget)
+        return [collate_pairs([mine[i] for i in g], PAD, pack=True) for g in groups]
     size = len(mine) // num_microbatches
-    return [collate_pairs(mine[i * size:(i + 1) * size], PAD) for i in range(num_microbatches)]
+    return [collate_pairs(mine[i * size:(i + 1) * size], PAD, pack=pack) for i in range(num_microbatches)]
 
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
@@ -67,10 +74,13 @@ def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
     return {key: torch.randn(shape, generator=gen) * 0.2 for key, shape in peft_shapes(model_cfg, lora).items()}
 
 
-def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_microbatches=4,
-             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None):
+def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False, num_microbatches=4,
+             teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False, pack=False,
+             budget=None):
     one_step.calls += 1
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp), seed=5)
+    if materialised:
+        loss_cfg = dataclasses.replace(loss_cfg, fused_projection=False)
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=5)
     chunks = build_model(model_cfg, runtime, ModelBuildConfig(recompute=recompute))
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp)
     if lora is not None:
@@ -78,24 +88,29 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, num_micr
         load_peft_tensors(chunks, random_adapters(model_cfg, lora), "test adapters")
     ddp = wrap_ddp(chunks, runtime)
     optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=1e-2, clip_grad=1.0))
-    if lora is not None:
+    if loss_cfg.mode == "sft":
+        teacher = None
+    elif lora is not None:
         teacher = AdapterTeacher(ddp, teacher_mode)
     elif teacher_mode == "live":
         teacher = Teacher(ddp)
     else:
         frozen = FrozenTeacher.copy_of(ddp, model_cfg, runtime, ModelBuildConfig())
         teacher = frozen if teacher_mode == "initial" else EMATeacher(frozen.chunks, decay=0.5)
-    check_teacher_isolated(teacher, ddp)
+    if teacher is not None:
+        check_teacher_isolated(teacher, ddp)
     ctx = StepContext(runtime=runtime, loss=loss_cfg, temperature=1.1, vocab_size=model_cfg.vocab_size,
                       teacher=teacher)
-    before = [p.detach().clone() for c in teacher.chunks for p in c.parameters()]
-    batches = micro_batches(pairs, runtime, num_microbatches)
+    teacher_chunks = teacher.chunks if teacher is not None else []
+    before = [p.detach().clone() for c in teacher_chunks for p in c.parameters()]
+    batches = micro_batches(pairs, runtime, num_microbatches, pack, budget)
+    one_step.counts = [len(batches)]
     if runtime.dp_rank == empty_dp_rank:  # this rank's micro-batches hold no response token
         batches = [dataclasses.replace(b, loss_mask=torch.zeros_like(b.loss_mask)) for b in batches]
     metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
-    after = [p.detach() for c in teacher.chunks for p in c.parameters()]
+    after = [p.detach() for c in teacher_chunks for p in c.parameters()]
     moved = any(not torch.equal(a, b) for a, b in zip(before, after))
-    for chunk in teacher.chunks if lora is None else []:  # (a LoRA teacher is the student with adapters off)
+    for chunk in teacher_chunks if lora is None else []:  # (a LoRA teacher is the student with adapters off)
         for name, p in chunk.named_parameters():
             if teacher_mode != "live":
                 assert p.grad is None and getattr(p, "main_grad", None) is None, f"teacher {name} got a grad"
@@ -123,7 +138,18 @@ LOSS_CONFIGS = {
     "sampled_token": dict(divergence="sampled_token", clip=None, teacher="live"),
 }
 LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")), ("PP2", dict(pp=2)), ("TP2xPP2", dict(tp=2, pp=2)),
-           ("PP2xVPP2", dict(pp=2, vpp=2)), ("TP4", dict(tp=4)), ("DP4", dict(num_microbatches=1))]
+           ("PP2xVPP2", dict(pp=2, vpp=2)), ("TP4", dict(tp=4)), ("DP4", dict(num_microbatches=1)),
+           # sequence parallelism: sequence-sharded stage messages and output-layer input
+           ("TP2+SP", dict(tp=2, sp=True)), ("TP2+SPxPP2", dict(tp=2, pp=2, sp=True)), ("TP4+SP", dict(tp=4, sp=True)),
+           ("TP2+SP materialised", dict(tp=2, sp=True, materialised=True)),
+           ("TP2+SPxPP2xVPP2", dict(tp=2, pp=2, vpp=2, sp=True, num_microbatches=2))]
+SP_LAYOUTS = [layout for layout in LAYOUTS if layout[1].get("sp")]
+# packed micro-batches (2 pairs each) on pairs whose lengths differ 10x, vs padded TP1
+PACKED_LAYOUTS = [("packed TP2", dict(tp=2)), ("packed TP2+SP", dict(tp=2, sp=True)), ("packed PP2", dict(pp=2)),
+                  ("packed PP2xVPP2", dict(pp=2, vpp=2)),
+                  # token budget 242: the two DP ranks' pairs (context tokens 243 and 242) make 2 and 1
+                  # micro-batches (checked below); interleaved, the rank with 1 gets a masked second
+                  ("budget DP2xPP2", dict(pp=2, budget=242)), ("budget PP2xVPP2", dict(pp=2, vpp=2, budget=242))]
 
 
 def setup():
@@ -153,6 +179,16 @@ def reference(path: str) -> None:
     # LoRA, theta_0 teacher by adapter switch-off (its reference against peft: lora_reference.py)
     out["lora"], _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"),
                               teacher_mode="initial", lora=LORA)
+    out["sft"], _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"))
+    spread = make_pairs(model_cfg.vocab_size, seed=4, spread=True)
+    for mode, cfg in (("opsd", LossConfig(**LOSS_CONFIGS["forward_kl clip"])), ("sft", LossConfig(mode="sft"))):
+        ref, _ = one_step(model_cfg, full, spread, cfg)
+        packed, _ = one_step(model_cfg, full, spread, cfg, pack=True)
+        ok = close(packed["loss"], ref["loss"]) and close(packed["grad_norm"], ref["grad_norm"])
+        print(f"[{mode} 10x lengths] padded loss={ref['loss']:.8f} grad_norm={ref['grad_norm']:.8f}; "
+              f"packed {'ok' if ok else 'MISMATCH'}")
+        assert ok, (packed, ref)
+        out[f"spread {mode}"] = ref
     # the DP check below masks out DP rank 0's two pairs: the same as training on the other six
     out["without the first two pairs"], _ = one_step(model_cfg, full, pairs[2:], LossConfig(**LOSS_CONFIGS[
         "forward_kl clip"]), num_microbatches=2)
@@ -173,7 +209,7 @@ def layouts(path: str) -> None:
     for name, fields in LOSS_CONFIGS.items():
         ref = refs[name]
         # the variants share the schedule; their kernels have their own tests
-        for layout, kwargs in LAYOUTS if name == "forward_kl clip" else LAYOUTS[:1] + LAYOUTS[2:4]:
+        for layout, kwargs in LAYOUTS if name == "forward_kl clip" else LAYOUTS[:1] + LAYOUTS[2:4] + SP_LAYOUTS[:1]:
             got, _ = one_step(model_cfg, full, pairs, LossConfig(**fields), **kwargs)
             ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
             rank_print(f"[{name}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
@@ -181,8 +217,33 @@ def layouts(path: str) -> None:
             assert got["response_tokens"] == ref["response_tokens"]
             assert ok, f"{name} {layout}: {got} vs reference {ref}"
 
+    # SFT (no teacher): interleaved (its stage messages hold the student only) and sequence parallel
+    for layout, kwargs in [LAYOUTS[4], *SP_LAYOUTS[:3], SP_LAYOUTS[-1]]:
+        got, _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"), **kwargs)
+        ref = refs["sft"]
+        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+        rank_print(f"[sft] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   f"{'ok' if ok else 'MISMATCH'}")
+        assert ok, f"sft {layout}: {got} vs reference {ref}"
+
+    # packed micro-batches, lengths differing 10x: as padded at TP1
+    spread = make_pairs(model_cfg.vocab_size, seed=4, spread=True)
+    for mode, cfg in (("opsd", LossConfig(**LOSS_CONFIGS["forward_kl clip"])), ("sft", LossConfig(mode="sft"))):
+        ref = refs[f"spread {mode}"]
+        for layout, kwargs in PACKED_LAYOUTS:
+            got, _ = one_step(model_cfg, full, spread, cfg, pack=True, **kwargs)
+            if "budget" in kwargs and kwargs.get("vpp") is None:
+                counts = [None] * dist.get_world_size()
+                dist.all_gather_object(counts, one_step.counts[0])
+                assert len(set(counts)) > 1, f"{layout}: every DP rank formed {counts[0]} micro-batches"
+            ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+            rank_print(f"[{mode}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                       f"{'ok' if ok else 'MISMATCH'}")
+            assert got["response_tokens"] == ref["response_tokens"] and ok, f"{mode} {layout}: {got} vs {ref}"
+
     # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
-    for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6]]:  # TP2, PP2, TP2xPP2, PP2xVPP2, DP4
+    # TP2, PP2, TP2xPP2, PP2xVPP2, DP4, TP2+SP, TP2+SPxPP2
+    for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6], *SP_LAYOUTS[:2]]:
         got, _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"), teacher_mode="initial",
                           lora=LORA, **kwargs)
         ref = refs["lora"]

@@ -6,6 +6,8 @@ Then, per layout (the 4 processes split into TP x PP x DP; DP ranks take every d
   * greedy tokens equal HF generate(do_sample=False) on each prompt alone;
   * sampled tokens equal the TP=1 samples for the same (seed, step, prompt, sample) keys, and their
     log-probs agree within 1e-5;
+  * (TP2+SP x PP2) the same with sequence parallelism on for training (decoding runs it off), and
+    the flag is restored afterwards;
   * (TP2xPP2) KV-cached == no-cache recompute; reported log-probs == the trainer's recomputation
     (megatron-core schedule + vocab_parallel_token_logprobs) within 1e-5; a prompt alone == in a batch.
 Sampler alone (TP2, TP4): the same random logits split over ranks give exactly the TP=1 samples.
@@ -60,9 +62,9 @@ def references(hf):
     return refs
 
 
-def check_layout(name, hf, greedy_ref, sampled_ref, *, tp=1, pp=1, vpp=None, extra=False):
+def check_layout(name, hf, greedy_ref, sampled_ref, *, tp=1, pp=1, vpp=None, sp=False, extra=False):
     start = time.time()
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp), seed=1)
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=1)
     chunks, cfg = megatron_from_hf(hf, runtime, ModelBuildConfig())
     mine = list(range(runtime.dp_rank, len(PROMPTS), runtime.dp))  # this DP rank's prompts
     prompts, keys = [PROMPTS[i] for i in mine], [KEYS[i] for i in mine]
@@ -80,6 +82,10 @@ def check_layout(name, hf, greedy_ref, sampled_ref, *, tp=1, pp=1, vpp=None, ext
         lp_err = max(lp_err, max_err(got.model_logprobs, [ref.model_logprobs[i] for i in mine]),
                      max_err(got.sampling_logprobs, [ref.sampling_logprobs[i] for i in mine]))
     assert lp_err <= TOL, f"{name}: log-probs differ from TP1 by {lp_err}"
+    if sp:  # decoding ran with SP off; training's SP is back on
+        config = chunks[0].config
+        flags = [m.sequence_parallel for m in chunks[0].modules() if hasattr(m, "sequence_parallel")]
+        assert config.sequence_parallel and flags and all(flags), f"{name}: sequence parallelism not restored"
     line = f"{name:<10} dp={runtime.dp} greedy==HF sampled==TP1 max|dlogp vs TP1|={worst(lp_err):.1e}"
 
     if extra:
@@ -141,6 +147,7 @@ def main() -> None:
     check_sampler_layouts()
     check_layout("TP2xPP2", hf, greedy_ref, sampled_ref, tp=2, pp=2, extra=True)
     check_layout("TP2", hf, greedy_ref, sampled_ref, tp=2)
+    check_layout("TP2+SPxPP2", hf, greedy_ref, sampled_ref, tp=2, pp=2, sp=True)
     check_layout("TP4", hf, greedy_ref, sampled_ref, tp=4)
     check_layout("PP2", hf, greedy_ref, sampled_ref, pp=2)
     check_layout("PP2xVPP2", hf, greedy_ref, sampled_ref, pp=2, vpp=2)

@@ -1,0 +1,160 @@
+"""Packed micro-batches (``collate_pairs(pack=True)``): the same loss and gradients as padded ones.
+
+Single process, TP1: every parameter gradient of one OPSD (and SFT) step on pairs whose lengths
+differ 10x, packed vs padded, within 1e-6 relative; the packed layout itself (positions restart per
+pair, block-diagonal causal mask). Layouts (TP2+SP, PP2, PP2xVPP2): tests/distributed/test_opsd_step.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_opsd.data.batch import collate_pairs, pad_to_lengths
+from megatron_opsd.data.contexts import build_pair
+from megatron_opsd.models.description import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from megatron_opsd.parallel import ParallelConfig, init_parallel
+
+    rt = init_parallel(ParallelConfig(), seed=0)
+    yield rt
+    rt.destroy()
+
+
+def tiny():
+    return ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+
+
+def pairs_10x(vocab: int, seed: int = 0):
+    """Responses of 3..4 and 30..40 tokens alternating, teacher contexts longer than the student's."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(6):
+        ls, extra = int(torch.randint(3, 8, (1,), generator=gen)), int(torch.randint(4, 12, (1,), generator=gen))
+        lr = int(torch.randint(3, 5, (1,), generator=gen)) if i % 2 else int(torch.randint(30, 41, (1,), generator=gen))
+        s, t, r = (torch.randint(1, vocab, (n,), generator=gen).tolist() for n in (ls, ls + extra, lr))
+        out.append(build_pair(s, t, r, stop_ids=set(), max_seq_len=128, overlong="drop"))
+    return out
+
+
+def test_packed_layout():
+    pairs = pairs_10x(64)
+    padded, packed = collate_pairs(pairs, 0), collate_pairs(pairs, 0, pack=True)
+    for side_p, side in ((packed.student, padded.student), (packed.teacher, padded.teacher)):
+        assert side_p.packed and not side.packed and side_p.tokens.shape == (1, int(side.lengths.sum()))
+        sizes = side.lengths.tolist()
+        assert torch.equal(side_p.position_ids[0], torch.cat([torch.arange(n) for n in sizes]))
+        rows = [side.tokens[b, :n] for b, n in enumerate(sizes)]
+        assert torch.equal(side_p.tokens[0], torch.cat(rows))
+        # pair 1's first token attends to itself only; its last to its own tokens only
+        start, n = sizes[0], sizes[1]
+        mask = side_p.attention_mask[0, 0]
+        assert (~mask[start]).nonzero().flatten().tolist() == [start]
+        assert (~mask[start + n - 1]).nonzero().flatten().tolist() == list(range(start, start + n))
+    # the loss sees the same tokens: ids at the packed index maps equal those at the padded ones
+    keep = padded.loss_mask > 0
+    assert torch.equal(packed.response_ids[0], padded.response_ids[keep])
+    for name in ("student", "teacher"):
+        got = getattr(packed, name).tokens[0][getattr(packed, f"{name}_index")[0]]
+        rows = torch.arange(len(pairs))[:, None].expand_as(padded.loss_mask)[keep]
+        want = getattr(padded, name).tokens[rows, getattr(padded, f"{name}_index")[keep]]
+        assert torch.equal(got, want)
+    # re-padding a packed batch (interleaved pipelines, sequence parallelism) keeps the pairs apart
+    longer = pad_to_lengths(packed, packed.student.tokens.shape[1] + 3, packed.teacher.tokens.shape[1] + 5, 0)
+    assert longer.student.packed and torch.equal(longer.student.pack_lengths, packed.student.pack_lengths)
+    n = packed.student.tokens.shape[1]
+    assert torch.equal(longer.student.attention_mask[..., :n, :n], packed.student.attention_mask)
+    assert longer.student.attention_mask[0, 0, :n, n:].all()
+
+
+def _step(runtime, full, batches, mode):
+    from megatron_opsd.engine import wrap_ddp
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.models.sharding import load_unsharded
+    from megatron_opsd.opsd import LossConfig, StepContext, Teacher
+    from megatron_opsd.opsd.step import run_schedule, zero_grads
+
+    chunks = build_model(tiny(), runtime)
+    load_unsharded(chunks, full, 0, 1)
+    ddp = wrap_ddp(chunks, runtime)
+    loss = LossConfig(mode=mode) if mode == "sft" else LossConfig(clip=None)
+    ctx = StepContext(runtime=runtime, loss=loss, temperature=1.1, vocab_size=64,
+                      teacher=None if mode == "sft" else Teacher(ddp))
+    zero_grads(ddp, None)
+    metrics = run_schedule(ctx, ddp, batches, pad_id=0)
+    for chunk in ddp:  # the schedule leaves the grads summed in main_grad; finalize divides by tokens
+        chunk.finish_grad_sync()
+    return metrics, {n: p.main_grad.clone() for n, p in ddp[0].module.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["opsd", "sft"])
+def test_packed_step_equals_padded(runtime, mode):
+    from megatron_opsd.models.provider import build_model
+
+    full = {n: p.detach().clone() for n, p in build_model(tiny(), runtime)[0].state_dict().items()
+            if not n.endswith("_extra_state")}
+    pairs = pairs_10x(64, seed=1)
+    padded = [collate_pairs(pairs[i:i + 3], 0) for i in (0, 3)]
+    packed = [collate_pairs(pairs[i:i + 3], 0, pack=True) for i in (0, 3)]
+    ref, ref_grads = _step(runtime, full, padded, mode)
+    got, grads = _step(runtime, full, packed, mode)
+    assert got["response_tokens"] == ref["response_tokens"]
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name, g in ref_grads.items():
+        assert g.abs().max() > 0 or "bias" in name, name
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6 * scale, msg=name)
+
+
+def test_token_budget_groups():
+    from megatron_opsd.data.batch import token_budget_groups
+
+    # longest first: 12 > budget, a group of its own; 9; 7 and 5 open groups (9+7, 7+5 > 10); 3 joins 7;
+    # 2 joins 5 (first fit: 9 has room 1, 7+3 none); 1 joins 9
+    costs = [9, 3, 7, 5, 2, 1, 12]
+    assert token_budget_groups(costs, 10) == [[6], [0, 5], [1, 2], [3, 4]]
+    gen = torch.Generator().manual_seed(0)
+    costs = torch.randint(1, 50, (40,), generator=gen).tolist()
+    groups = token_budget_groups(costs, 64)
+    assert sorted(i for g in groups for i in g) == list(range(40))
+    assert all(sum(costs[i] for i in g) <= 64 for g in groups)
+
+
+def test_token_budget_micro_batches_equal_fixed_ones(runtime):
+    """Packed micro-batches formed by token count (their number differs from the fixed split) give the
+    loss and gradients of fixed-size padded micro-batches: the loss is normalised by global tokens."""
+    from megatron_opsd.data.batch import token_budget_groups
+    from megatron_opsd.models.provider import build_model
+
+    full = {n: p.detach().clone() for n, p in build_model(tiny(), runtime)[0].state_dict().items()
+            if not n.endswith("_extra_state")}
+    pairs = pairs_10x(64, seed=2)
+    fixed = [collate_pairs(pairs[i:i + 2], 0) for i in range(0, 6, 2)]
+    costs = [len(p.student_ids) + len(p.teacher_ids) for p in pairs]
+    groups = token_budget_groups(costs, 80)
+    assert len(groups) not in (1, 3, 6)  # a split of its own
+    budget = [collate_pairs([pairs[i] for i in g], 0, pack=True) for g in groups]
+    ref, ref_grads = _step(runtime, full, fixed, "opsd")
+    got, grads = _step(runtime, full, budget, "opsd")
+    assert got["loss"] == pytest.approx(ref["loss"], rel=1e-6)
+    scale = max(g.abs().max().item() for g in ref_grads.values())
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-6 * scale, msg=name)
+
+
+def test_thd_packed_seq_params_of_a_packed_side():
+    """The THD parameters handed to Transformer Engine attention (GPU only: not run on them here)."""
+    from megatron_opsd.opsd.step import packed_seq_params
+
+    pairs = pairs_10x(64)
+    side = collate_pairs(pairs, 0, pack=True, pad_to_multiple_of=64).student
+    sizes = [len(p.student_ids) for p in pairs]
+    params = packed_seq_params(side)
+    assert side.tokens.shape[1] > sum(sizes)  # the trailing padding is a sequence of its own
+    expected = torch.tensor([0, *sizes, side.tokens.shape[1] - sum(sizes)]).cumsum(0)
+    assert params.qkv_format == "thd" and torch.equal(params.cu_seqlens_q.long(), expected)
+    assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == int(expected.diff().max())
