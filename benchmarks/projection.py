@@ -2,6 +2,7 @@
 
     python benchmarks/projection.py              # R=512 response tokens, H=256, V=151,936
     python benchmarks/projection.py --tokens 128
+    python benchmarks/projection.py --dtype bf16 # bf16 hidden states and weights (fp32 divergence math)
 
 One micro-batch's loss forward+backward (forward KL, clip 0.05, live teacher sharing W), minimum over
 --repeats (the machine is shared): materialised [R, V] logits vs the fused path at the automatic chunk
@@ -42,14 +43,17 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="hidden states and weights (the divergence math is fp32 either way)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(0)
     rows_total, hidden, vocab = args.tokens, args.hidden, args.vocab
-    weight = torch.randn(vocab, hidden, generator=gen) * 0.05
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    weight = (torch.randn(vocab, hidden, generator=gen) * 0.05).to(dtype)
 
-    h_s = torch.randn(rows_total, hidden, generator=gen).requires_grad_()
-    h_t = torch.randn(rows_total, hidden, generator=gen)
+    h_s = torch.randn(rows_total, hidden, generator=gen).to(dtype).requires_grad_()
+    h_t = torch.randn(rows_total, hidden, generator=gen).to(dtype)
     w = weight.clone().requires_grad_()
     mask = torch.ones(rows_total)
 
@@ -68,7 +72,8 @@ def main() -> None:
         loss.backward()
 
     auto = projection_rows(None, vocab, torch.device("cpu"))
-    print(f"# one micro-batch's loss fwd+bwd: R={rows_total}, H={hidden}, V={vocab}, forward KL clip 0.05")
+    print(f"# one micro-batch's loss fwd+bwd: R={rows_total}, H={hidden}, V={vocab}, forward KL clip 0.05, {args.dtype}, "
+          f"{args.threads} threads")
     print("| path | seconds | vs materialised |")
     print("|---|---|---|")
     base = best_of(materialised, args.repeats)
