@@ -80,9 +80,8 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
 
     Collectives per call: none of its own; ``token_loss``'s forward ones once per chunk of
     ``projection_rows`` tokens (all ranks of the TP group walk the same chunks); backward none.
-    dtypes: the three matmuls run in the weight's dtype (bf16 weights: bf16 matmuls, bf16 logits chunks,
-    which ``token_loss`` upcasts chunk by chunk); ``dW`` sums the chunks' products in fp32 and is
-    returned in the weight's dtype. Memory while running: one ``[2c, V/TP]`` logits buffer (``[c, V/TP]`` without a
+    dtypes: the matmuls run in the weight's dtype, ``dW`` accumulates in fp32 and is returned in the
+    weight's dtype. Memory while running: one ``[2c, V/TP]`` logits buffer (``[c, V/TP]`` without a
     teacher), ``token_loss``'s gradient ``[c, V/TP]`` and workspace, the fp32 ``[V/TP, H]`` accumulator.
     """
     if hidden_s.dim() != 2 or weight_s.dim() != 2 or hidden_s.shape[1] != weight_s.shape[1]:
@@ -133,10 +132,7 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
             if need_grad:
                 grad_h[rows] = grad_s.to(w_s.dtype) @ w_s
                 if need_grad_w:
-                    # each chunk's product in the weight's dtype (bf16: ~4x fp32's speed on CPUs with
-                    # avx512_bf16/AMX, tensor cores on GPUs; fp32 accumulation inside the matmul), its
-                    # rounding 2^-9 relative per chunk, summed over chunks in fp32
-                    grad_w.add_(grad_s.to(w_s.dtype).t() @ h_s[rows].detach())
+                    grad_w.addmm_(grad_s.t().float(), h_s[rows].float())
             del s, t, grad_s
         return loss, grad_h, grad_w
 
