@@ -2,8 +2,9 @@
 
     python benchmarks/rollout.py                 # the issue's sizes: ~134M Llama, batch 8, 128 + 256
     python benchmarks/rollout.py --quick         # a small smoke run
+    python benchmarks/rollout.py --dtype bf16    # both sides' weights, activations and KV cache in bf16
 
-One process, TP=1, fp32, the same random Llama-shaped weights in both implementations (HF's init,
+One process, TP=1, fp32 (or ``--dtype bf16``: our sampler still works in fp64 on the logits), the same random Llama-shaped weights in both implementations (HF's init,
 mapped into megatron-core through the HF name map), random prompt ids, the paper's sampling settings
 (T 1.1, top-k 20, top-p 0.95; ``--greedy`` for argmax) and no stop ids, so every row generates exactly
 the requested number of tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--greedy", action="store_true")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
     args = p.parse_args(argv)
     if args.quick:
@@ -69,8 +71,10 @@ def build(args):
     hf = transformers.LlamaForCausalLM(hf_cfg).eval()
     runtime = init_parallel(ParallelConfig(), seed=0)
     cfg = ModelConfig.from_hf_dict(hf_cfg.to_dict())
-    chunks = build_model(cfg, runtime, ModelBuildConfig(init_weights=False))
+    chunks = build_model(cfg, runtime, ModelBuildConfig(init_weights=False, dtype=args.dtype))
     load_unsharded(chunks, dict(hf_to_unsharded(hf.state_dict().items(), cfg)), 0, 1)
+    if args.dtype == "bf16":
+        hf = hf.to(torch.bfloat16)
     return hf, chunks, runtime, cfg
 
 
@@ -115,7 +119,7 @@ def main(argv=None) -> None:
             best_cpu[name] = min(best_cpu[name], time.process_time() - start_cpu)
             print(f"  {name}: {best[name]:.1f}s wall, {best_cpu[name]:.1f}s CPU", flush=True)
 
-    print(f"\nRollout throughput, CPU, {args.threads} threads, fp32, TP=1: random Llama "
+    print(f"\nRollout throughput, CPU, {args.threads} threads, {args.dtype}, TP=1: random Llama "
           f"(hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV, ffn {args.ffn}, "
           f"vocab {args.vocab}; {num_params / 1e6:.0f}M params), batch {args.batch}, {args.prompt_len}-token prompts, "
           f"{'greedy' if args.greedy else 'T=1.1 top-k 20 top-p 0.95'}; best of {args.repeats}")
