@@ -131,7 +131,8 @@ def batches(triples, old, runtime, num_microbatches, *, grpo_contexts=True, dr_g
 
 def step(cfg, full, full0, triples, old, loss_cfg, *, tp=1, pp=1, num_microbatches=2, grpo_contexts=True,
          teacher="theta0"):
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp), seed=0)
+    # all-reduced (not reduce-scattered) gradients: every DP rank holds all of them, to be compared
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=False), seed=0)
     chunks = build_model(cfg, runtime)
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp, tied=cfg.tie_word_embeddings)
     ddp = wrap_ddp(chunks, runtime)
