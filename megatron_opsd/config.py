@@ -33,6 +33,8 @@ class RolloutConfig:
     samples_per_prompt: int = doc("Responses per problem per step (the paper: 1).", default=1)
     max_batch_size: int | None = doc("Prompts decoded together; null = all of this rank's.", default=None)
     kv_cache: bool = doc("KV-cached decoding (false: recompute, for debugging).", default=True)
+    shared_prefill: bool = doc("With kv_cache: the samples of one prompt share one prefill (its KV cache "
+                               "is replicated); the samples are the same either way.", default=True)
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 1:

@@ -177,7 +177,8 @@ class Trainer:
         self.rollout = MegatronRolloutEngine(self.ddp, rt, vocab_size=cfg.model.vocab_size,
                                              pad_id=self.tokenizer.pad_id,
                                              max_batch_size=cfg.rollout.max_batch_size,
-                                             kv_cache=cfg.rollout.kv_cache)
+                                             kv_cache=cfg.rollout.kv_cache,
+                                             shared_prefill=cfg.rollout.shared_prefill)
         if latest is not None:
             self._resume(latest)
         self.log = MetricsLogger(cfg.logging.dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard,
