@@ -32,14 +32,15 @@ from megatron_opsd.config_io import ConfigError, to_dict
 from megatron_opsd.conversion.files import DEFAULT_TOKENIZER_PATH, find_tokenizer_dir, model_tokenizer
 from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_answer
 from megatron_opsd.data import load_splits, load_tokenizer
-from megatron_opsd.data.contexts import OPSDPair, PromptIds, build_pair, trim_at_stop
+from megatron_opsd.data.contexts import OPSDPair, PromptIds, build_pair
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
 from megatron_opsd.metrics_log import MetricsLogger, peak_memory_mib
 from megatron_opsd.models.lora import attach_lora, load_peft_tensors, read_peft_adapter
 from megatron_opsd.models.provider import build_model
 from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
 from megatron_opsd.opsd import NonFiniteError, check_teacher_isolated, train_step
-from megatron_opsd.opsd.grpo import RewardError, answer_reward, group_advantages, load_reward_function, score
+from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, load_reward_function,
+                                     policy_micro_batches, score)
 from megatron_opsd.parallel import init_parallel, shutdown
 from megatron_opsd.rollout import MegatronRolloutEngine
 from megatron_opsd.rollout.types import SampleKey, SamplingParams
@@ -316,23 +317,16 @@ class Trainer:
         rewards = self._rewards(problems, texts)
         advantages, flat_groups = group_advantages(rewards, cfg.rollout.samples_per_prompt,
                                                    scale_by_std=cfg.loss.advantage == "grpo")
-        pairs, kept_adv, kept_old, empty = [], [], [], 0
-        for (ids, _), response, adv, old in zip(prompts, rollout.response_ids, advantages.tolist(),
-                                                rollout.model_logprobs):
-            if not trim_at_stop(response, self.tokenizer.stop_ids):
-                empty += 1
-                continue
-            sides = ids if cfg.loss.mode == "opsd+grpo" else PromptIds(ids.student, ids.student)
-            pair = self.contexts.build(sides, response)
-            if pair is not None:
-                pairs.append(pair)
-                kept_adv.append(adv)
-                kept_old.append(old)
-        size, pad = cfg.train.micro_batch_size, self.tokenizer.pad_id
-        if pairs:
-            batches = [collate_pairs(pairs[i:i + size], pad, advantages=kept_adv[i:i + size],
-                                     old_logprobs=kept_old[i:i + size]) for i in range(0, len(pairs), size)]
-        else:
+
+        def build(row: int, response: list[int]):
+            ids = prompts[row][0]
+            return self.contexts.build(ids if cfg.loss.mode == "opsd+grpo" else PromptIds(ids.student, ids.student),
+                                       response)
+
+        batches, empty = policy_micro_batches(rollout.response_ids, advantages.tolist(), rollout.model_logprobs,
+                                              build, self.tokenizer.stop_ids,
+                                              micro_batch_size=cfg.train.micro_batch_size, pad_id=self.tokenizer.pad_id)
+        if not batches:
             batches = [dataclasses.replace(b, advantages=torch.zeros_like(b.loss_mask),
                                            old_logprobs=torch.zeros_like(b.loss_mask))
                        for b in self._micro_batches([], prompts)]

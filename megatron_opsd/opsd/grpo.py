@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from megatron_opsd.data.answers import answers_match, extract_answer
+from megatron_opsd.data.batch import OPSDMicroBatch, collate_pairs
+from megatron_opsd.data.contexts import OPSDPair, trim_at_stop
 from megatron_opsd.data.dataset import Problem
 
 RewardFn = Callable[[Problem, str], float]
@@ -112,3 +114,25 @@ def grpo_token_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torc
         if kl_coef:
             loss = loss + kl_coef * k3
     return loss, stats
+
+
+def policy_micro_batches(responses: Sequence[Sequence[int]], advantages: Sequence[float],
+                         old_logprobs: Sequence[Sequence[float]], build: Callable[[int, list[int]], OPSDPair | None],
+                         stop_ids, *, micro_batch_size: int, pad_id: int) -> tuple[list[OPSDMicroBatch], int]:
+    """Micro-batches of the responses' pairs (``build(row, response)``; None = dropped), each carrying
+    its advantage and the rollout's log-probs; and the number of empty responses (they keep their
+    reward in their group, but have no token to train on, so no pair). An empty list when nothing is
+    left (the caller keeps the schedule in step with a masked micro-batch)."""
+    pairs, adv, old, empty = [], [], [], 0
+    for row, (response, a, lp) in enumerate(zip(responses, advantages, old_logprobs)):
+        if not trim_at_stop(response, stop_ids):
+            empty += 1
+            continue
+        pair = build(row, list(response))
+        if pair is not None:
+            pairs.append(pair)
+            adv.append(a)
+            old.append(lp)
+    size = micro_batch_size
+    return [collate_pairs(pairs[i:i + size], pad_id, advantages=adv[i:i + size], old_logprobs=old[i:i + size])
+            for i in range(0, len(pairs), size)], empty

@@ -14,7 +14,7 @@ from megatron_opsd.data.batch import collate_pairs
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.data.dataset import Problem
 from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, grpo_token_loss,
-                                     load_reward_function, score)
+                                     load_reward_function, policy_micro_batches, score)
 
 P = Problem(problem="1+1?", solution="2", answer="2", source="train.jsonl:7")
 
@@ -96,3 +96,21 @@ def test_config_refusals():
         load_config(None, ["--train.updates_per_rollout", "2"])
     with pytest.raises(ValueError, match="kl_coef"):
         load_config(None, ["--loss.mode", "opsd+grpo", "--rollout.samples_per_prompt", "2", "--loss.kl_coef", "0.1"])
+
+
+def test_empty_responses_keep_their_reward_but_get_no_pair():
+    stop = 2
+    responses = [[5, 6, stop], [], [stop], [7, 8]]  # an empty one, and one that is only... a stop token
+    rewards = score(answer_reward, [P] * 4, ["", "", "", "\\boxed{2}"])
+    adv, _ = group_advantages(rewards, 4)
+    assert torch.isfinite(adv).all() and adv[1] < 0  # the empty response is in its group
+
+    def build(row, response):
+        return build_pair([1, 9], [1, 9], response, stop_ids={stop}, max_seq_len=64, overlong="drop")
+
+    old = [[-1.0, -2.0, -3.0], [], [-0.5], [-4.0, -5.0]]
+    batches, empty = policy_micro_batches(responses, adv.tolist(), old, build, {stop}, micro_batch_size=2, pad_id=0)
+    assert empty == 1 and [b.loss_mask.shape[0] for b in batches] == [2, 1]
+    assert batches[0].response_ids.tolist() == [[5, 6, stop], [stop, 0, 0]]
+    assert batches[0].advantages[1, 0] == float(adv[2]) and batches[1].old_logprobs.tolist() == [[-4.0, -5.0]]
+    assert policy_micro_batches([[]], [0.0], [[]], build, {stop}, micro_batch_size=2, pad_id=0) == ([], 1)
