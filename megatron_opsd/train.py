@@ -43,7 +43,7 @@ from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantage
                                      policy_micro_batches, score)
 from megatron_opsd.parallel import init_parallel, shutdown
 from megatron_opsd.rollout import MegatronRolloutEngine
-from megatron_opsd.rollout.types import SampleKey, SamplingParams
+from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "embedded_tiny_llama_tp2.yaml"
 
@@ -221,8 +221,14 @@ class Trainer:
     def train_one_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         prompts, keys = self._sample_prompts()                                   # prompts
-        rollout = self.rollout.generate([p.student for p, _ in prompts], self._sampling(),
-                                        keys)                                     # rollout
+        if cfg.loss.mode == "sft":  # the reference solutions take the samples' place: nothing is generated
+            rollout = Rollout(response_ids=[solution_ids(self.tokenizer, self.train_problems[i]) for _, i in prompts])
+            prompts = [(PromptIds(p.student, p.student), i) for p, i in prompts]
+            generated = 0
+        else:
+            rollout = self.rollout.generate([p.student for p, _ in prompts], self._sampling(),
+                                            keys)                                 # rollout
+            generated = sum(map(len, rollout.response_ids))
         rollout_s = time.perf_counter() - start
         if cfg.loss.policy_gradient:
             batches, reward_metrics = self._policy_batches(prompts, rollout)     # rewards + contexts
@@ -235,12 +241,12 @@ class Trainer:
         for _ in range(cfg.train.updates_per_rollout):  # the old log-probs stay the rollout's
             metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
                                  clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
-        lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids)],
+        lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids), generated],
                                dtype=torch.float64, device=self.runtime.device)
         dist.all_reduce(lengths, group=self.runtime.dp_group)
         metrics.update(reward_metrics)
         metrics.update(response_length=(lengths[0] / lengths[1].clamp(min=1)).item(), rollout_s=rollout_s,
-                       generated_tokens=int(lengths[0].item()),
+                       generated_tokens=int(lengths[2].item()),
                        step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
                        dropped_pairs=self.contexts.stats.num_dropped_overlong + self.contexts.stats.num_dropped_long_prompt,
                        truncated_pairs=self.contexts.stats.num_truncated)
@@ -476,6 +482,11 @@ def embedded_base_dir(cfg: JobConfig) -> Path:
     return Path(cfg.checkpoint.dir).parent / f"base-sft-{digest}"
 
 
+def solution_ids(tokenizer, problem) -> list[int]:
+    """The reference solution as a response: its tokens and the end-of-turn id (SFT's target)."""
+    return tokenizer.encode(problem.solution) + [min(tokenizer.stop_ids - {tokenizer.eos_id}, default=tokenizer.eos_id)]
+
+
 def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
     """Cross-entropy on the reference solutions for ``train.warmup_sft_steps`` steps; saves ``out``."""
     from megatron_opsd.engine import OptimConfig
@@ -488,7 +499,6 @@ def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
     scheduler = build_scheduler(optimizer, optim, cfg.train.warmup_sft_steps)
     sampler = ProblemSampler(len(trainer.train_problems), cfg.train.prompts_per_step, cfg.seed + 1,
                              rank=rt.dp_rank, world_size=rt.dp)
-    end_of_turn = min(tok.stop_ids - {tok.eos_id}, default=tok.eos_id)
     ctx = StepContext(runtime=rt, loss=LossConfig(mode="sft"), temperature=1.0,
                       vocab_size=cfg.model.vocab_size, teacher=None, detailed_metrics=False)
     start = time.perf_counter()
@@ -498,11 +508,11 @@ def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
             prompts = trainer.contexts.prompt_ids(index)
             if prompts is None:
                 continue
-            response = tok.encode(trainer.train_problems[index].solution) + [end_of_turn]
+            response = solution_ids(tok, trainer.train_problems[index])
             # Every other example uses the teacher's prompt: a tiny model must first learn to read a
             # reference solution in its context, the capability OPSD's teacher relies on.
             prompt = prompts.teacher if cfg.train.warmup_teacher_prompts and (step + i) % 2 else prompts.student
-            pair = build_pair(prompt, prompt, response, stop_ids={end_of_turn},
+            pair = build_pair(prompt, prompt, response, stop_ids={response[-1]},
                               max_seq_len=cfg.data.max_seq_len, overlong="truncate_response")
             if pair is not None:
                 pairs.append(pair)

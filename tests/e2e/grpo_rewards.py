@@ -12,3 +12,12 @@ def boom(problem, response: str) -> float:
 
 def nan(problem, response: str) -> float:
     return float("nan")
+
+
+def boom_on_rank_1(problem, response: str) -> float:
+    """Fails on one data-parallel rank only: the others must stop too, not wait for it."""
+    import os
+
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("grader crashed")
+    return 0.0
