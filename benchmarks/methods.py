@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     p.add_argument("--grpo-n", type=int, default=8)
     p.add_argument("--combined-n", type=int, default=2)
     p.add_argument("--target", type=float, default=None, help="accuracy to reach (default: base + 0.02)")
+    p.add_argument("--eval-problems", type=int, default=100)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=ROOT / "runs/methods")
     p.add_argument("--quick", action="store_true")
@@ -98,7 +99,8 @@ def main(argv=None) -> None:
             if not (out / "logs" / "metrics.jsonl").is_file():
                 run(args, f"{name} seed {seed}", out, *overrides, "--train.load", str(base),
                     "--train.warmup_sft_steps", "0", "--seed", str(seed), "--train.steps", str(args.steps),
-                    "--train.eval_every", str(args.eval_every), "--rollout.samples_per_prompt", str(n_of.get(name, 1)))
+                    "--train.eval_every", str(args.eval_every), "--train.eval_problems", str(args.eval_problems),
+                    "--rollout.samples_per_prompt", str(n_of.get(name, 1)))
             curves.append(curve(out / "logs"))
         results[name] = mean_curves(curves)
     from tools.plot_metrics import plot_methods
