@@ -5,6 +5,7 @@ any checkpoint; n=1 and an unloadable reward function are refused with one line 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,11 +44,11 @@ def test_grpo_run_logs_reward_metrics_and_saves(tmp_path):
 
 
 @pytest.mark.parametrize("reward,what", [("boom", r"raised on problem \S+:\d+: KeyError"),
-                                         ("nan", r"returned nan on problem \S+:\d+")])
+                                         pytest.param("nan", r"returned nan on problem \S+:\d+",
+                                                      marks=pytest.mark.slow)])
 def test_failing_reward_function_stops_the_run_naming_the_problem(tmp_path, reward, what):
     proc = train(tmp_path, "--train.steps", "1", "--loss.reward", f"tests.e2e.grpo_rewards:{reward}")
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    import re
 
     line = next(x for x in proc.stderr.splitlines() if x.startswith("megatron_opsd.train: stopped"))
     assert re.search(f"step 1: the reward function {what}", line), line
@@ -66,6 +67,7 @@ def test_refused_configs_one_line(tmp_path, overrides, what):
     assert len(lines) == 1 and what in lines[0], proc.stderr
 
 
+@pytest.mark.slow
 def test_lora_grpo_with_kl_to_the_adapters_off_model(tmp_path):
     """theta_0 for the KL is the base with the adapters switched off (no copy of the weights)."""
     proc = train(tmp_path, "--train.steps", "1", "--train.updates_per_rollout", "2", "--loss.kl_coef", "0.05",
@@ -77,6 +79,7 @@ def test_lora_grpo_with_kl_to_the_adapters_off_model(tmp_path):
     assert row["kl"] > 0, row  # the second update: adapters moved away from theta_0
 
 
+@pytest.mark.distributed
 def test_reward_failure_on_one_rank_stops_every_rank(tmp_path):
     from tests.harness import free_port, worker_env
 
