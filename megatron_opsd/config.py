@@ -33,6 +33,8 @@ class RolloutConfig:
     samples_per_prompt: int = doc("Responses per problem per step (the paper: 1).", default=1)
     max_batch_size: int | None = doc("Prompts decoded together; null = all of this rank's.", default=None)
     kv_cache: bool = doc("KV-cached decoding (false: recompute, for debugging).", default=True)
+    shared_prefill: bool = doc("With kv_cache: the samples of one prompt share one prefill (its KV cache "
+                               "is replicated); the samples are the same either way.", default=True)
 
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 1:
@@ -71,6 +73,9 @@ class TrainConfig:
     warmup_teacher_prompts: bool = doc(
         "Half of the warm-up examples use the teacher's prompt (with the reference solution), so a tiny "
         "base model learns to read it; real base models need no such step.", default=True)
+    updates_per_rollout: int = doc(
+        "grpo: optimizer updates on each rollout (the clipped ratio against the rollout's own log-probs "
+        "acts from the second); train.steps counts rollouts.", default=1)
     eval_every: int = doc("Evaluate every N steps (0: only before and after training).", default=0)
     eval_problems: int = doc("Held-out problems per evaluation (0: all).", default=200)
     eval_greedy: bool = doc("Greedy decoding for evaluation (else the rollout sampling settings).",
@@ -83,7 +88,7 @@ class TrainConfig:
         "answers and verdicts are in logging.dir/eval_step_N.jsonl.", default="none")
 
     def __post_init__(self) -> None:
-        for name in ("steps", "prompts_per_step", "micro_batch_size"):
+        for name in ("steps", "prompts_per_step", "micro_batch_size", "updates_per_rollout"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
         if self.max_tokens_per_micro_batch is not None and self.max_tokens_per_micro_batch < 1:
@@ -152,6 +157,12 @@ class JobConfig:
             raise ValueError(f"loss.opd_teacher_load={self.loss.opd_teacher_load} is set but loss.mode="
                              f"{self.loss.mode}: it is read only with loss.mode=opd (with LoRA the theta_0 "
                              "teacher is the base model with the adapters off)")
+        if self.loss.policy_gradient and self.rollout.samples_per_prompt < 2:
+            raise ValueError(f"loss.mode={self.loss.mode} needs rollout.samples_per_prompt >= 2 (got "
+                             f"{self.rollout.samples_per_prompt}): a group of one response has no advantage")
+        if self.train.updates_per_rollout > 1 and not self.loss.policy_gradient:
+            raise ValueError(f"train.updates_per_rollout={self.train.updates_per_rollout} needs loss.mode grpo "
+                             "or opsd+grpo (the clipped ratio is what makes repeated updates safe)")
         if self.lora.enabled:
             if self.model_build.transformer_engine == "on":
                 raise ValueError("lora.rank > 0 needs the local layer spec (TE's fused layernorm-linear hides the "

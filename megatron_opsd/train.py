@@ -32,16 +32,18 @@ from megatron_opsd.config_io import ConfigError, to_dict
 from megatron_opsd.conversion.files import DEFAULT_TOKENIZER_PATH, find_tokenizer_dir, model_tokenizer
 from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_answer
 from megatron_opsd.data import load_splits, load_tokenizer
-from megatron_opsd.data.contexts import OPSDPair, build_pair
+from megatron_opsd.data.contexts import OPSDPair, PromptIds, build_pair
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
 from megatron_opsd.metrics_log import MetricsLogger, peak_memory_mib
 from megatron_opsd.models.lora import attach_lora, load_peft_tensors, read_peft_adapter
 from megatron_opsd.models.provider import build_model
 from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
 from megatron_opsd.opsd import NonFiniteError, check_teacher_isolated, train_step
+from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, load_reward_function,
+                                     policy_micro_batches, score)
 from megatron_opsd.parallel import init_parallel, shutdown
 from megatron_opsd.rollout import MegatronRolloutEngine
-from megatron_opsd.rollout.types import SampleKey, SamplingParams
+from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
 
 EMBEDDED_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "configs" / "embedded_tiny_llama_tp2.yaml"
 
@@ -61,6 +63,8 @@ class Plan:
     """The training checkpoint to resume (checkpoint.resume), or None: start fresh."""
     adapters: dict | None = None
     """lora.init_from's adapter tensors (PEFT names, unsharded), read and checked."""
+    reward_fn: object = None
+    """GRPO modes: loss.reward resolved to a function."""
 
 
 def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
@@ -100,7 +104,8 @@ def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
     train_problems, eval_problems = load_splits(cfg.data)
     check_eval_answers(eval_problems or train_problems, cfg)
     adapters = read_peft_adapter(cfg.lora.init_from, cfg.model, cfg.lora) if cfg.lora.init_from else None
-    return Plan(tokenizer, train_problems, eval_problems, weights, teacher, resume_from, adapters)
+    reward_fn = load_reward_function(cfg.loss.reward) if cfg.loss.policy_gradient else None
+    return Plan(tokenizer, train_problems, eval_problems, weights, teacher, resume_from, adapters, reward_fn)
 
 
 def _resume_point(cfg: JobConfig) -> Path | None:
@@ -167,13 +172,14 @@ class Trainer:
                 load_peft_tensors(self.chunks, plan.adapters, f"lora.init_from {cfg.lora.init_from}")
         self.ddp = wrap_ddp(self.chunks, rt)
         self.optimizer = build_optimizer(self.ddp, rt, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps * cfg.train.updates_per_rollout)
         self.teacher = self._make_teacher()
         check_teacher_isolated(self.teacher, self.ddp)
         self.rollout = MegatronRolloutEngine(self.ddp, rt, vocab_size=cfg.model.vocab_size,
                                              pad_id=self.tokenizer.pad_id,
                                              max_batch_size=cfg.rollout.max_batch_size,
-                                             kv_cache=cfg.rollout.kv_cache)
+                                             kv_cache=cfg.rollout.kv_cache,
+                                             shared_prefill=cfg.rollout.shared_prefill)
         if latest is not None:
             self._resume(latest)
         self.log = MetricsLogger(cfg.logging.dir, enabled=self.is_logger, tensorboard=cfg.logging.tensorboard,
@@ -215,20 +221,32 @@ class Trainer:
     def train_one_step(self) -> dict:
         cfg, start = self.cfg, time.perf_counter()
         prompts, keys = self._sample_prompts()                                   # prompts
-        rollout = self.rollout.generate([p.student for p, _ in prompts], self._sampling(),
-                                        keys)                                     # rollout
+        if cfg.loss.mode == "sft":  # the reference solutions take the samples' place: nothing is generated
+            rollout = Rollout(response_ids=[solution_ids(self.tokenizer, self.train_problems[i]) for _, i in prompts])
+            prompts = [(PromptIds(p.student, p.student), i) for p, i in prompts]
+            generated = 0
+        else:
+            rollout = self.rollout.generate([p.student for p, _ in prompts], self._sampling(),
+                                            keys)                                 # rollout
+            generated = sum(map(len, rollout.response_ids))
         rollout_s = time.perf_counter() - start
-        pairs = [self.contexts.build(p, ids) for (p, _), ids in zip(prompts, rollout.response_ids)]
-        batches = self._micro_batches([p for p in pairs if p is not None], prompts)  # contexts
+        if cfg.loss.policy_gradient:
+            batches, reward_metrics = self._policy_batches(prompts, rollout)     # rewards + contexts
+        else:
+            pairs = [self.contexts.build(p, ids) for (p, _), ids in zip(prompts, rollout.response_ids)]
+            batches, reward_metrics = self._micro_batches([p for p in pairs if p is not None], prompts), {}  # contexts
         ctx = StepContext(runtime=self.runtime, loss=cfg.loss, temperature=self._loss_temperature(),
                           vocab_size=cfg.model.vocab_size, teacher=self.teacher, step=self.step + 1,
-                          detailed_metrics=cfg.logging.detailed_metrics)
-        metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
-                             clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
-        lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids)],
+                          detailed_metrics=cfg.logging.detailed_metrics, token_budget=cfg.rollout.max_new_tokens)
+        for _ in range(cfg.train.updates_per_rollout):  # the old log-probs stay the rollout's
+            metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
+                                 clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
+        lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids), generated],
                                dtype=torch.float64, device=self.runtime.device)
         dist.all_reduce(lengths, group=self.runtime.dp_group)
+        metrics.update(reward_metrics)
         metrics.update(response_length=(lengths[0] / lengths[1].clamp(min=1)).item(), rollout_s=rollout_s,
+                       generated_tokens=int(lengths[2].item()),
                        step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
                        dropped_pairs=self.contexts.stats.num_dropped_overlong + self.contexts.stats.num_dropped_long_prompt,
                        truncated_pairs=self.contexts.stats.num_truncated)
@@ -301,6 +319,61 @@ class Trainer:
                     for group in token_budget_groups(costs, budget)]
         return [collate_pairs(pairs[i:i + size], pad) for i in range(0, len(pairs), size)]
 
+    def _policy_batches(self, prompts, rollout) -> tuple[list, dict]:
+        """GRPO: rewards, group advantages, and micro-batches carrying them with the rollout's own
+        log-probabilities. grpo's pairs put the student's prompt on both sides (the teacher pass, when
+        loss.kl_coef > 0, is theta_0 on the student's context); opsd+grpo's keep the OPSD teacher's.
+        Empty responses get their reward (for the group) but no pair."""
+        cfg, rt = self.cfg, self.runtime
+        problems = [self.train_problems[index] for _, index in prompts]
+        texts = [self.tokenizer.decode(ids) for ids in rollout.response_ids]
+        rewards = self._rewards(problems, texts)
+        advantages, flat_groups = group_advantages(rewards, cfg.rollout.samples_per_prompt,
+                                                   scale_by_std=cfg.loss.advantage == "grpo")
+
+        def build(row: int, response: list[int]):
+            ids = prompts[row][0]
+            return self.contexts.build(ids if cfg.loss.mode == "opsd+grpo" else PromptIds(ids.student, ids.student),
+                                       response)
+
+        batches, empty = policy_micro_batches(rollout.response_ids, advantages.tolist(), rollout.model_logprobs,
+                                              build, self.tokenizer.stop_ids,
+                                              micro_batch_size=cfg.train.micro_batch_size, pad_id=self.tokenizer.pad_id)
+        if not batches:
+            batches = [dataclasses.replace(b, advantages=torch.zeros_like(b.loss_mask),
+                                           old_logprobs=torch.zeros_like(b.loss_mask))
+                       for b in self._micro_batches([], prompts)]
+        correct = [answer_reward(p, t) for p, t in zip(problems, texts)]
+        adv = advantages.tolist()
+        sums = torch.tensor([len(rewards), sum(rewards), sum(r * r for r in rewards), sum(correct),
+                             sum(adv), sum(a * a for a in adv), flat_groups,
+                             len(rewards) // cfg.rollout.samples_per_prompt, empty],
+                            dtype=torch.float64, device=rt.device)
+        dist.all_reduce(sums, group=rt.dp_group)
+        n, r_sum, r_sq, hits, a_sum, a_sq, flat, groups, empty = sums.tolist()
+        n = max(n, 1.0)
+        return batches, {"reward_mean": r_sum / n, "reward_std": max(r_sq / n - (r_sum / n) ** 2, 0.0) ** 0.5,
+                         "accuracy": hits / n, "advantage_mean": a_sum / n,
+                         "advantage_std": max(a_sq / n - (a_sum / n) ** 2, 0.0) ** 0.5,
+                         "zero_advantage_groups": int(flat), "groups": int(groups), "empty_responses": int(empty)}
+
+    def _rewards(self, problems, texts) -> list[float]:
+        """The reward function on this rank's responses; if it fails on any rank, every rank stops
+        (RewardError: the failing rank's message names the problem)."""
+        error, rewards = None, []
+        try:
+            rewards = score(self.plan.reward_fn, problems, texts)
+        except RewardError as exc:
+            error = exc
+        flag = torch.tensor([float(error is not None)], device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if error is not None:
+            raise RewardError(f"step {self.step + 1}: {error}")
+        if flag.item():
+            raise RewardError(f"step {self.step + 1}: the reward function failed on another rank (its message names "
+                              "the problem)")
+        return rewards
+
     def _sampling(self, *, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:
         r = self.cfg.rollout
         return SamplingParams(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, greedy=greedy,
@@ -312,7 +385,7 @@ class Trainer:
 
     def _make_teacher(self) -> Teacher | None:
         loss, rt = self.cfg.loss, self.runtime
-        if loss.mode == "sft":
+        if loss.mode == "sft" or (loss.mode == "grpo" and not loss.kl_coef):
             return None
         if loss.mode == "opd":
             teacher_chunks = build_model(ckpt.read_model_json(self.plan.teacher_weights), rt,
@@ -416,6 +489,11 @@ def embedded_base_dir(cfg: JobConfig) -> Path:
     return Path(cfg.checkpoint.dir).parent / f"base-sft-{digest}"
 
 
+def solution_ids(tokenizer, problem) -> list[int]:
+    """The reference solution as a response: its tokens and the end-of-turn id (SFT's target)."""
+    return tokenizer.encode(problem.solution) + [min(tokenizer.stop_ids - {tokenizer.eos_id}, default=tokenizer.eos_id)]
+
+
 def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
     """Cross-entropy on the reference solutions for ``train.warmup_sft_steps`` steps; saves ``out``."""
     from megatron_opsd.engine import OptimConfig
@@ -428,7 +506,6 @@ def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
     scheduler = build_scheduler(optimizer, optim, cfg.train.warmup_sft_steps)
     sampler = ProblemSampler(len(trainer.train_problems), cfg.train.prompts_per_step, cfg.seed + 1,
                              rank=rt.dp_rank, world_size=rt.dp)
-    end_of_turn = min(tok.stop_ids - {tok.eos_id}, default=tok.eos_id)
     ctx = StepContext(runtime=rt, loss=LossConfig(mode="sft"), temperature=1.0,
                       vocab_size=cfg.model.vocab_size, teacher=None, detailed_metrics=False)
     start = time.perf_counter()
@@ -438,11 +515,11 @@ def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
             prompts = trainer.contexts.prompt_ids(index)
             if prompts is None:
                 continue
-            response = tok.encode(trainer.train_problems[index].solution) + [end_of_turn]
+            response = solution_ids(tok, trainer.train_problems[index])
             # Every other example uses the teacher's prompt: a tiny model must first learn to read a
             # reference solution in its context, the capability OPSD's teacher relies on.
             prompt = prompts.teacher if cfg.train.warmup_teacher_prompts and (step + i) % 2 else prompts.student
-            pair = build_pair(prompt, prompt, response, stop_ids={end_of_turn},
+            pair = build_pair(prompt, prompt, response, stop_ids={response[-1]},
                               max_seq_len=cfg.data.max_seq_len, overlong="truncate_response")
             if pair is not None:
                 pairs.append(pair)
@@ -508,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _say(first_rank or dist.is_initialized(), f"megatron_opsd.train: error: {one_line(exc)}", sys.stderr)
         return 2
-    except NonFiniteError as exc:
+    except (NonFiniteError, RewardError) as exc:
         print(f"megatron_opsd.train: stopped: {exc}; no checkpoint was written for it", file=sys.stderr,
               flush=True)
         return 3

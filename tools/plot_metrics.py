@@ -58,5 +58,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot_methods(curves: dict[str, list[tuple[float, float, float]]], out: Path, title: str = "") -> Path:
+    """Held-out accuracy against generated tokens and against wall time, one line per method
+    (``curves[name]`` = [(tokens, seconds, accuracy), ...]; benchmarks/methods.py)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, points in curves.items():
+        tokens, seconds, accuracy = zip(*points)
+        axes[0].plot(tokens, accuracy, marker="o", markersize=3, label=name)
+        axes[1].plot(seconds, accuracy, marker="o", markersize=3, label=name)
+    for ax, xlabel in zip(axes, ("generated tokens", "wall time (s)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    return out
+
+
 if __name__ == "__main__":
     sys.exit(main())

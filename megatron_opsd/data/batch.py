@@ -62,6 +62,10 @@ class OPSDMicroBatch:
     (padded entries point at a valid position and are masked)."""
     teacher_index: torch.Tensor
     """[B, R] int64: the same for ``teacher.tokens``."""
+    advantages: torch.Tensor | None = None
+    """GRPO: [B, R] float32, each response's advantage on its tokens (0 on padding)."""
+    old_logprobs: torch.Tensor | None = None
+    """GRPO: [B, R] float32, the rollout's log-probabilities of the response tokens (0 on padding)."""
 
     @property
     def num_response_tokens(self) -> int:
@@ -74,8 +78,8 @@ class OPSDMicroBatch:
             return type(obj)(**{f.name: getattr(obj, f.name).to(device) for f in fields(obj)})
 
         return OPSDMicroBatch(student=move(self.student), teacher=move(self.teacher),
-                              **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                 if f.name not in ("student", "teacher")})
+                              **{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).to(device)
+                                 for f in fields(self) if f.name not in ("student", "teacher")})
 
 
 def _padded_length(longest: int, multiple: int) -> int:
@@ -117,11 +121,14 @@ def _packed_side(sequences: Sequence[list[int]], pad_id: int, multiple: int, len
 
 
 def collate_pairs(pairs: Sequence[OPSDPair], pad_id: int, *, pad_to_multiple_of: int = 1,
-                  pack: bool = False) -> OPSDMicroBatch:
+                  pack: bool = False, advantages: Sequence[float] | None = None,
+                  old_logprobs: Sequence[Sequence[float]] | None = None) -> OPSDMicroBatch:
     """Collate pairs into a padded micro-batch, or with ``pack=True`` into one packed row per side.
 
     ``pad_to_multiple_of`` rounds each side's length up (e.g. to the tensor-parallel size for sequence
     parallelism). Packed, the index maps, response ids and loss mask are [1, sum of response lengths].
+    GRPO: ``advantages`` (one per pair) and ``old_logprobs`` (per pair, at least as long as its response:
+    a cut response keeps its head) fill the fields of the same names (packed alike).
     """
     if not pairs:
         raise ValueError("collate_pairs: no pairs to collate")
@@ -140,13 +147,20 @@ def collate_pairs(pairs: Sequence[OPSDPair], pad_id: int, *, pad_to_multiple_of:
         clamped = offsets.clamp(max=size - 1)  # padded entries repeat the last valid position
         student_index[b] = pair.student_start + clamped
         teacher_index[b] = pair.teacher_start + clamped
+    adv = old = None
+    if advantages is not None:
+        adv = loss_mask * torch.tensor(list(advantages), dtype=torch.float32)[:, None]
+        old = torch.zeros((num, width), dtype=torch.float32)
+        for b, pair in enumerate(pairs):
+            old[b, :len(pair.response_ids)] = torch.tensor(old_logprobs[b][:len(pair.response_ids)])
     if pack:
-        return _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, pad_to_multiple_of)
+        return _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, pad_to_multiple_of,
+                     adv, old)
     return OPSDMicroBatch(
         student=_side([p.student_ids for p in pairs], pad_id, pad_to_multiple_of),
         teacher=_side([p.teacher_ids for p in pairs], pad_id, pad_to_multiple_of),
         response_ids=response_ids, loss_mask=loss_mask,
-        student_index=student_index, teacher_index=teacher_index)
+        student_index=student_index, teacher_index=teacher_index, advantages=adv, old_logprobs=old)
 
 
 def token_budget_groups(costs: Sequence[int], budget: int) -> list[list[int]]:
@@ -165,7 +179,8 @@ def token_budget_groups(costs: Sequence[int], budget: int) -> list[list[int]]:
     return [sorted(g) for g in groups]
 
 
-def _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, multiple) -> OPSDMicroBatch:
+def _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, multiple, advantages=None,
+          old_logprobs=None) -> OPSDMicroBatch:
     """The padded layout's tensors flattened to one row: each pair's valid entries, its index maps
     shifted by where its context starts in the packed row."""
     keep = loss_mask.flatten() > 0
@@ -176,7 +191,9 @@ def _pack(pairs, response_ids, loss_mask, student_index, teacher_index, pad_id, 
         teacher=_packed_side([p.teacher_ids for p in pairs], pad_id, multiple),
         response_ids=response_ids.flatten()[keep][None], loss_mask=loss_mask.flatten()[keep][None],
         student_index=(student_index + offset_s).flatten()[keep][None],
-        teacher_index=(teacher_index + offset_t).flatten()[keep][None])
+        teacher_index=(teacher_index + offset_t).flatten()[keep][None],
+        advantages=None if advantages is None else advantages.flatten()[keep][None],
+        old_logprobs=None if old_logprobs is None else old_logprobs.flatten()[keep][None])
 
 
 def gather_response_positions(x: torch.Tensor, index: torch.Tensor, *,
@@ -214,4 +231,5 @@ def pad_to_lengths(batch: OPSDMicroBatch, student_len: int, teacher_len: int, pa
 
     return OPSDMicroBatch(student=repad(batch.student, student_len), teacher=repad(batch.teacher, teacher_len),
                           response_ids=batch.response_ids, loss_mask=batch.loss_mask,
-                          student_index=batch.student_index, teacher_index=batch.teacher_index)
+                          student_index=batch.student_index, teacher_index=batch.teacher_index,
+                          advantages=batch.advantages, old_logprobs=batch.old_logprobs)

@@ -12,10 +12,12 @@ from megatron_opsd.config_io import doc
 class LossConfig:
     """OPSD (the method), or a baseline in the same machinery."""
 
-    mode: Literal["opsd", "opd", "sft"] = doc(
+    mode: Literal["opsd", "opd", "sft", "grpo", "opsd+grpo"] = doc(
         "opsd: teacher = the model conditioned on problem + reference solution; opd: teacher = a "
         "separate checkpoint (same architecture and tokenizer) on the student's context; sft: "
-        "cross-entropy on the reference solution (no rollout, no teacher).", default="opsd")
+        "cross-entropy on the reference solution (no rollout, no teacher); grpo: group-relative policy "
+        "gradient on rewards (rollout.samples_per_prompt >= 2); opsd+grpo: divergence_weight * the OPSD "
+        "divergence + grpo_weight * the GRPO loss on the same rollouts.", default="opsd")
     divergence: Literal["forward_kl", "reverse_kl", "jsd", "sampled_token"] = doc(
         "Per-token divergence D(p_T || p_S) (the paper: forward_kl); sampled_token is the "
         "advantage-weighted log-likelihood of the sampled token (comparison only).", default="forward_kl")
@@ -44,7 +46,34 @@ class LossConfig:
         "fused_projection: tokens per projected chunk; null = automatic (2^24 logits per chunk on "
         "CPU, 2^26 on GPU).", default=None)
 
+    reward: str = doc(
+        "grpo: the reward function, 'answer' (1 when the last \\boxed{} matches the problem's answer; "
+        "math-verify when installed) or 'package.module:function' called as f(problem, response_text) "
+        "-> float (problem: data.dataset.Problem).", default="answer")
+    advantage: Literal["grpo", "dr_grpo"] = doc(
+        "grpo: (r - group mean) / group std, token-mean loss; dr_grpo (Dr.GRPO): r - group mean, token "
+        "sum divided by responses * rollout.max_new_tokens.", default="grpo")
+    ppo_clip: float = doc("grpo: the ratio is clipped to [1 - ppo_clip, 1 + ppo_clip].", default=0.2)
+    kl_coef: float = doc("grpo: weight of the k3 KL estimate to theta_0 (loss.teacher=initial; with LoRA "
+                         "the adapters-off model); 0 = no reference pass.", default=0.0)
+    grpo_weight: float = doc("opsd+grpo: lambda, the GRPO term's weight.", default=1.0)
+    divergence_weight: float = doc("opsd+grpo: the OPSD divergence's weight.", default=1.0)
+
+    @property
+    def policy_gradient(self) -> bool:
+        """Whether the loss has a GRPO term (rewards, advantages, old log-probs)."""
+        return self.mode in ("grpo", "opsd+grpo")
+
     def __post_init__(self) -> None:
+        if not 0.0 < self.ppo_clip < 1.0:
+            raise ValueError(f"loss.ppo_clip={self.ppo_clip} must lie in (0, 1)")
+        if self.kl_coef < 0 or self.grpo_weight < 0 or self.divergence_weight < 0:
+            raise ValueError("loss.kl_coef, loss.grpo_weight and loss.divergence_weight must be >= 0")
+        if self.mode == "opsd+grpo" and self.kl_coef:
+            raise ValueError("loss.kl_coef > 0 with loss.mode=opsd+grpo is not supported: the teacher pass is "
+                             "the OPSD teacher, not theta_0; set loss.kl_coef: 0")
+        if self.mode == "grpo" and self.kl_coef and self.teacher != "initial":
+            raise ValueError(f"loss.kl_coef > 0 is a KL to theta_0: set loss.teacher=initial (not {self.teacher})")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"loss.beta={self.beta} must lie in [0, 1]")
         if self.clip is not None and self.clip <= 0:

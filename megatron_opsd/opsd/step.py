@@ -50,6 +50,7 @@ from megatron_opsd.losses import (
 )
 from megatron_opsd.losses.projected import projected_token_loss
 from megatron_opsd.opsd.config import LossConfig
+from megatron_opsd.opsd.grpo import grpo_token_loss
 from megatron_opsd.opsd.teacher import Teacher, unwrap
 from megatron_opsd.parallel import ParallelRuntime
 
@@ -257,6 +258,8 @@ class StepContext:
     teacher: Teacher | None  # None for sft
     step: int = 0
     detailed_metrics: bool = True
+    token_budget: int | None = None
+    """loss.advantage=dr_grpo: the constant per-response length the token sum is divided by."""
     num_microbatches_seen: int = field(default=0)
 
 
@@ -301,12 +304,46 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
 
 
 def token_losses(ctx: StepContext, response_ids: torch.Tensor, student_logits: torch.Tensor,
-                 teacher_logits: torch.Tensor | None) -> torch.Tensor:
-    """fp32 per-token loss [...] of the configured mode/divergence (differentiable in the student)."""
+                 teacher_logits: torch.Tensor | None, policy: tuple | None = None,
+                 stats: dict | None = None) -> torch.Tensor:
+    """fp32 per-token loss [...] of the configured mode/divergence (differentiable in the student).
+
+    GRPO modes: ``policy`` = (advantages, old log-probs, token weights), each shaped like
+    ``response_ids``; the weighted sums of the GRPO statistics are added to ``stats``.
+    """
     cfg, tp_group, vocab = ctx.loss, ctx.runtime.tp_group, ctx.vocab_size
-    common = dict(temperature=ctx.temperature, vocab_size=vocab, tp_group=tp_group)
     if cfg.mode == "sft":
         return -vocab_parallel_token_logprobs(student_logits, response_ids, vocab_size=vocab, tp_group=tp_group)
+    if cfg.policy_gradient:
+        return _policy_token_losses(ctx, response_ids, student_logits, teacher_logits, policy, stats)
+    return _divergence_losses(ctx, response_ids, student_logits, teacher_logits)
+
+
+def _policy_token_losses(ctx: StepContext, response_ids, student_logits, teacher_logits, policy, stats):
+    """GRPO's clipped token loss at temperature 1 (the rollout's ``model_logprobs`` are the old
+    log-probs); grpo: + the k3 KL to the teacher pass (theta_0 on the student's context);
+    opsd+grpo: divergence_weight * the OPSD divergence + grpo_weight * it."""
+    cfg = ctx.loss
+    advantages, old_logprobs, weights = policy
+    common = dict(vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group, chunk_size=cfg.chunk_size)
+    logp = vocab_parallel_token_logprobs(student_logits, response_ids, **common)
+    ref = None
+    if cfg.mode == "grpo" and teacher_logits is not None:
+        with torch.no_grad():
+            ref = vocab_parallel_token_logprobs(teacher_logits, response_ids, **common)
+    loss, parts = grpo_token_loss(logp, old_logprobs, advantages, ref, clip_eps=cfg.ppo_clip, kl_coef=cfg.kl_coef)
+    if stats is not None:
+        for key, value in parts.items():
+            stats[f"{key}_sum"] = stats.get(f"{key}_sum", 0.0) + (value * weights).sum()
+    if cfg.mode == "grpo":
+        return loss
+    divergence = _divergence_losses(ctx, response_ids, student_logits, teacher_logits)
+    return cfg.divergence_weight * divergence + cfg.grpo_weight * loss
+
+
+def _divergence_losses(ctx: StepContext, response_ids, student_logits, teacher_logits) -> torch.Tensor:
+    cfg = ctx.loss
+    common = dict(temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group)
     if cfg.divergence == "sampled_token":
         logp_s = vocab_parallel_token_logprobs(student_logits, response_ids, **common)
         logp_t = vocab_parallel_token_logprobs(teacher_logits, response_ids, **common)
@@ -326,10 +363,12 @@ def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logit
     The reference path (``loss.fused_projection: false``); ``projected_loss_func`` is the default.
     """
     mask = batch.loss_mask
-    per_token = token_losses(ctx, batch.response_ids, student_logits, teacher_logits)
+    stats: dict = {}
+    per_token = token_losses(ctx, batch.response_ids, student_logits, teacher_logits,
+                             (batch.advantages, batch.old_logprobs, mask), stats)
     loss_sum = (per_token * mask).sum()
     detailed = _detailed_metrics(ctx, mask, student_logits, teacher_logits, per_token) if ctx.detailed_metrics else {}
-    return _loss_output(index, batch, loss_sum, detailed)
+    return _loss_output(ctx, index, batch, loss_sum, {**detailed, **stats})
 
 
 def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_hidden: torch.Tensor | None,
@@ -345,10 +384,14 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
     hidden_s = student_hidden.flatten(0, 1).index_select(0, rows)
     hidden_t = None if teacher_hidden is None else teacher_hidden.flatten(0, 1).index_select(0, rows)
     ids_n, weights_n = batch.response_ids.flatten()[rows], mask_n[rows]
+    policy_n = None
+    if batch.advantages is not None:
+        policy_n = (batch.advantages.flatten()[rows], batch.old_logprobs.flatten()[rows], weights_n)
     sums: dict[str, torch.Tensor] = {}
 
     def token_loss(s_cv, t_cv, chunk):
-        return token_losses(ctx, ids_n[chunk], s_cv, t_cv)
+        policy = None if policy_n is None else tuple(x[chunk] for x in policy_n)
+        return token_losses(ctx, ids_n[chunk], s_cv, t_cv, policy, sums)
 
     def add_metrics(s_cv, t_cv, per_token_c, chunk):
         for key, value in _detailed_metrics(ctx, weights_n[chunk], s_cv, t_cv, per_token_c).items():
@@ -358,16 +401,22 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
         hidden_s, student_weight, hidden_t, teacher_weight, token_loss,
         weights_n, chunk_tokens=ctx.loss.projection_chunk,
         on_chunk=add_metrics if ctx.detailed_metrics else None)
-    return _loss_output(index, batch, loss_sum, sums)
+    return _loss_output(ctx, index, batch, loss_sum, sums)
 
 
-def _loss_output(index: int, batch: OPSDMicroBatch, loss_sum: torch.Tensor, detailed: dict):
+def _loss_output(ctx: StepContext, index: int, batch: OPSDMicroBatch, loss_sum: torch.Tensor, detailed: dict):
+    """(loss sum, normaliser, metrics): the normaliser is the token count, or for Dr.GRPO the number
+    of responses times the token budget (megatron-core divides the gradients by its global sum)."""
     num_tokens = batch.loss_mask.sum()
-    metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach(), **detailed}
+    normalizer = num_tokens
+    if ctx.loss.policy_gradient and ctx.loss.advantage == "dr_grpo":
+        normalizer = (batch.loss_mask.sum(dim=1) > 0).sum() * ctx.token_budget
+    metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach(), "normalizer": normalizer.detach(),
+               **detailed}
     if not torch.isfinite(loss_sum):
         # Raised after the schedule on every rank (raising here would leave the other stages waiting).
         metrics["nonfinite_microbatch"] = index + 1
-    return loss_sum, num_tokens.to(torch.int), metrics
+    return loss_sum, normalizer.to(torch.int), metrics
 
 
 @torch.no_grad()
@@ -377,14 +426,14 @@ def _detailed_metrics(ctx: StepContext, mask, student_logits, teacher_logits, pe
     common = dict(temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group,
                   chunk_size=cfg.chunk_size)
     out = {"entropy_student_sum": (vocab_parallel_entropy(student_logits, **common) * mask).sum()}
-    if teacher_logits is None:
+    if teacher_logits is None or cfg.mode == "grpo":  # (grpo's teacher pass is theta_0: its KL is "kl")
         return out
     out["entropy_teacher_sum"] = (vocab_parallel_entropy(teacher_logits, **common) * mask).sum()
     divergence = cfg.divergence if cfg.divergence != "sampled_token" else "forward_kl"
     raw = vocab_parallel_divergence(student_logits.detach(), teacher_logits, divergence=divergence,
                                     beta=cfg.beta, clip=None, **common)
     out["divergence_sum"] = (raw * mask).sum()
-    if cfg.clip is not None and cfg.divergence != "sampled_token" and cfg.top_k is None:
+    if cfg.clip is not None and cfg.divergence != "sampled_token" and cfg.top_k is None and not cfg.policy_gradient:
         # a token counts as clipped when capping its entries changed its divergence
         clipped = (raw - per_token.detach()).abs() > 1e-6 * (1 + raw.abs())
         out["clipped_tokens"] = (clipped.float() * mask).sum()
@@ -433,8 +482,8 @@ def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: l
     return reduce_metrics(stored, runtime)
 
 
-METRIC_KEYS = ("loss_sum", "tokens", "entropy_student_sum", "entropy_teacher_sum", "divergence_sum",
-               "clipped_tokens")
+METRIC_KEYS = ("loss_sum", "tokens", "normalizer", "entropy_student_sum", "entropy_teacher_sum", "divergence_sum",
+               "clipped_tokens", "ratio_clipped_sum", "kl_sum")
 
 
 def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
@@ -460,10 +509,11 @@ def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
         raise NonFiniteError(f"non-finite loss in micro-batch {int(bad.item()) - 1} (of some data-parallel "
                              "rank): the step was not applied")
     tokens = max(sums[1].item(), 1.0)
-    out = {"loss": sums[0].item() / tokens, "response_tokens": int(sums[1].item())}
+    out = {"loss": sums[0].item() / max(sums[2].item(), 1.0), "response_tokens": int(sums[1].item())}
     names = {"entropy_student_sum": "entropy_student", "entropy_teacher_sum": "entropy_teacher",
-             "divergence_sum": "divergence", "clipped_tokens": "clip_fraction"}
-    for i, key in enumerate(METRIC_KEYS[2:], start=2):
+             "divergence_sum": "divergence", "clipped_tokens": "clip_fraction",
+             "ratio_clipped_sum": "ratio_clip_fraction", "kl_sum": "kl"}
+    for i, key in enumerate(METRIC_KEYS[3:], start=3):
         if present[i]:
             out[names[key]] = sums[i].item() / tokens
     return out

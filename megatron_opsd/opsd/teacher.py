@@ -158,9 +158,11 @@ class AdapterTeacher(Teacher):
                 average.lerp_(getattr(lora, key).detach().float(), 1.0 - self.decay)
 
 
-def check_teacher_isolated(teacher: Teacher, student_chunks: list[torch.nn.Module]) -> None:
+def check_teacher_isolated(teacher: Teacher | None, student_chunks: list[torch.nn.Module]) -> None:
     """Start-up assertion: teacher copies have no grad, and are not among the parameters the
     optimizer sees (those of the DDP-wrapped student; megatron's optimizers are built from them)."""
+    if teacher is None:  # sft, grpo without KL: no teacher pass
+        return
     if isinstance(teacher, AdapterTeacher):
         from megatron_opsd.models.lora import adapters
 

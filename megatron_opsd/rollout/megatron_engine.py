@@ -24,6 +24,11 @@ Pipeline: stages run one after another for every forward (prefill and each decod
 [tokens, b, hidden] activations with point-to-point send/recv on ``runtime.pp_group``; interleaved
 chunks (VPP) are walked in model order. Data parallel: each DP rank samples its own prompts.
 
+Shared prefill (``shared_prefill``, with the KV cache): rows of a batch with identical prompts (GRPO's
+n samples per prompt) are prefilled once; the cache rows and the first logits are then replicated to
+every sample of the prompt, so decoding starts from n copies of one prefill. Samples are those of n
+independent prompts with the same keys (each row's noise is its own key's).
+
 The model runs in eval mode under ``torch.no_grad()`` and is put back in its previous mode; the KV
 cache lives only for one batch of one call.
 """
@@ -31,6 +36,7 @@ cache lives only for one batch of one call.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -62,13 +68,15 @@ class MegatronRolloutEngine:
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], runtime: ParallelRuntime, *, vocab_size: int,
-                 pad_id: int = 0, max_batch_size: int | None = None, kv_cache: bool = True) -> None:
+                 pad_id: int = 0, max_batch_size: int | None = None, kv_cache: bool = True,
+                 shared_prefill: bool = True) -> None:
         self.chunks = list(chunks)
         self.runtime = runtime
         self.vocab_size = vocab_size
         self.pad_id = pad_id
         self.max_batch_size = max_batch_size
         self.kv_cache = kv_cache
+        self.shared_prefill = shared_prefill
         config = _unwrap(self.chunks[0]).config
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 (or None: one batch)")
@@ -120,14 +128,27 @@ class MegatronRolloutEngine:
         out = Rollout(response_ids=[[] for _ in rows], sampling_logprobs=[[] for _ in rows],
                       model_logprobs=[[] for _ in rows], finish_reasons=["length"] * b)
         done_b = torch.zeros(b, dtype=torch.bool, device=device)
-        context = StaticInferenceContext(b, total) if self.kv_cache else None
+        first, inverse = _distinct_rows(prompts)
+        shared = self.kv_cache and self.shared_prefill and len(first) < b
+        context = StaticInferenceContext(len(first) if shared else b, total) if self.kv_cache else None
         self._attention.prepare(total)
         try:
             for step in range(max_new):
                 end = prompt_len + step  # slots [0, end) are known
                 start = 0 if (context is None or step == 0) else end - 1
-                logits_bv = self._forward(tokens_bt[:, start:end], positions_bt[:, start:end],
-                                          _attention_keep(real_bt, slots_t, start, end), context)
+                began = time.perf_counter()
+                if step == 0 and shared:  # each distinct prompt once; its cache and logits to every sample
+                    first_t, inverse_t = torch.tensor(first, device=device), torch.tensor(inverse, device=device)
+                    logits_bv = self._forward(tokens_bt[first_t, :end], positions_bt[first_t, :end],
+                                              _attention_keep(real_bt[first_t], slots_t, start, end), context)
+                    _compact_cache(context, inverse_t)
+                    logits_bv = None if logits_bv is None else logits_bv[inverse_t]
+                else:
+                    logits_bv = self._forward(tokens_bt[:, start:end], positions_bt[:, start:end],
+                                              _attention_keep(real_bt, slots_t, start, end), context)
+                if step == 0:
+                    self.stats["prefill_s"] += time.perf_counter() - began
+                    self.stats["prefill_rows"] += len(first) if shared else b
                 if context is not None:
                     context.sequence_len_offset = end
                 self.stats["row_steps"] += len(rows)
@@ -275,15 +296,30 @@ def _attention_keep(real_bt: torch.Tensor, slots_t: torch.Tensor, start: int, en
     return ((real_bt[:, None, :end] & (k_1qk <= q_1qk)) | (k_1qk == q_1qk))[:, None]
 
 
-def _new_stats() -> dict[str, int]:
+def _new_stats() -> dict[str, float]:
     """Counters of the last ``generate`` call: sampled tokens kept, rows x decode steps computed (the
-    static batch keeps finished rows until they are compacted away), compactions."""
-    return {"tokens": 0, "row_steps": 0, "compactions": 0}
+    static batch keeps finished rows until they are compacted away), compactions, prompts prefilled
+    (distinct ones under shared prefill) and the seconds spent prefilling."""
+    return {"tokens": 0, "row_steps": 0, "compactions": 0, "prefill_rows": 0, "prefill_s": 0.0}
+
+
+def _distinct_rows(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
+    """(the first row of each distinct prompt, each row's index into that list)."""
+    seen: dict[tuple[int, ...], int] = {}
+    first, inverse = [], []
+    for i, p in enumerate(prompts):
+        key = tuple(p)
+        if key not in seen:
+            seen[key] = len(first)
+            first.append(i)
+        inverse.append(seen[key])
+    return first, inverse
 
 
 def _compact_cache(context, keep_b: torch.Tensor) -> None:
     """Keep only batch entries ``keep_b`` in megatron's static KV cache ([seq, batch, groups, dim] per
-    layer); the context then serves the smaller batch."""
+    layer); the context then serves the smaller batch. With repeated entries it replicates rows
+    (shared prefill)."""
     for layer, (key, value) in list(context.key_value_memory_dict.items()):
         context.key_value_memory_dict[layer] = (key[:, keep_b].contiguous(), value[:, keep_b].contiguous())
     context.max_batch_size = len(keep_b)

@@ -132,6 +132,30 @@ def test_samples_do_not_depend_on_batch_composition(runtime, llama):
     assert other.response_ids != batched.response_ids
 
 
+def test_shared_prefill_equals_independent_prompts(runtime, llama):
+    """n samples per prompt (GRPO) prefilled once per prompt, cache replicated: the same samples as
+    the rows prefilled independently (and as each prompt alone), with rows stopping at different steps
+    so the replicated cache is also compacted."""
+    n, stops = 4, tuple(range(0, 250, 9))
+    prompts = [p for p in PROMPTS for _ in range(n)]
+    keys = [SampleKey(step=2, prompt_id=i // n, sample_idx=i % n) for i in range(len(prompts))]
+    params = SamplingParams(temperature=1.1, top_k=20, max_new_tokens=12, seed=3, stop_ids=stops)
+    shared_engine = engine(llama, runtime)
+    shared = shared_engine.generate(prompts, params, keys)
+    assert shared_engine.stats["prefill_rows"] == len(PROMPTS)
+    independent_engine = engine(llama, runtime, shared_prefill=False)
+    independent = independent_engine.generate(prompts, params, keys)
+    assert independent_engine.stats["prefill_rows"] == len(prompts)
+    assert shared.response_ids == independent.response_ids
+    assert shared.finish_reasons == independent.finish_reasons
+    assert len({tuple(r) for r in shared.response_ids[:n]}) > 1  # the samples of a prompt differ
+    for a, b in zip(shared.model_logprobs + shared.sampling_logprobs,
+                    independent.model_logprobs + independent.sampling_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=LOGPROB_TOL, rtol=0)
+    alone = engine(llama, runtime).generate([prompts[6]], params, [keys[6]])
+    assert alone.response_ids[0] == shared.response_ids[6]
+
+
 def test_eval_no_grad_during_rollout_then_train_mode_and_cache_freed(runtime, llama, monkeypatch):
     from megatron.core.inference import contexts
 

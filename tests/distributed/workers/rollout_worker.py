@@ -110,8 +110,16 @@ def check_layout(name, hf, greedy_ref, sampled_ref, *, tp=1, pp=1, vpp=None, sp=
         assert train_err <= TOL, f"{name}: log-probs differ from the trainer's recomputation by {train_err}"
         alone = engine.generate(prompts[-1:], params, keys[-1:])
         assert alone.response_ids[0] == cached.response_ids[-1], f"{name}: alone != in batch"
+        # GRPO's n samples per prompt: one prefill per prompt, its cache replicated across stages' layers
+        group_prompts = [p for p in prompts for _ in range(3)]
+        group_keys = [SampleKey(step=1, prompt_id=j // 3, sample_idx=j % 3) for j in range(len(group_prompts))]
+        shared = engine.generate(group_prompts, params, group_keys)
+        independent = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, shared_prefill=False).generate(
+            group_prompts, params, group_keys)
+        assert shared.response_ids == independent.response_ids, f"{name}: shared prefill != independent"
+        assert engine.stats["prefill_rows"] == len(prompts)
         line += (f" | kv==nocache max|dlogp|={worst(cache_err):.1e} vs trainer max|dlogp|={worst(train_err):.1e}"
-                 " alone==batch")
+                 " alone==batch shared-prefill==independent")
     rank_print(f"{line} ({time.time() - start:.1f}s)")
     runtime.destroy()
 
