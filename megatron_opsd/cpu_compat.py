@@ -138,6 +138,24 @@ def _define_missing_te_names() -> None:
         moe_utils.te_general_gemm = None
 
 
+def _patch_moe_dispatcher() -> None:
+    """Why: the alltoall MoE token dispatcher (1) creates a ``torch.cuda.Stream`` for device-to-host
+    copies of the split sizes and (2) gets them back as numpy arrays only when they were on the GPU
+    (``maybe_move_tensor_to_cpu``); CPU tensors stay tensors, which ``all_to_all_single`` refuses as
+    split sizes. On CPU: one pseudo-stream, and CPU split sizes converted as the GPU path converts them."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM  # (torch.cuda.Stream: a type)
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
 def enabled() -> bool:
     return _applied
 
@@ -160,10 +178,7 @@ def apply() -> bool:
     torch.cuda.current_device = lambda: 0  # an index; the mode below maps it to CPU
     torch.cuda.synchronize = lambda *a, **k: None  # p2p batching, checkpoint save
     torch.cuda.Event = _CpuEvent
-    from megatron.core.transformer.moe.token_dispatcher import MoEAlltoAllTokenDispatcher
-
-    MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM  # (torch.cuda.Stream stays: it is a type)
-    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+    _patch_moe_dispatcher()
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     _patch_rng_tracker()
     _mode = _CudaToCpuMode()
