@@ -68,6 +68,15 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by parallel.etp * parallel.ep * parallel.pp = "
                 f"{self.etp} * {self.ep} * {self.pp}: the expert layout needs a multiple of {expert} processes")
 
+    def check_experts(self, num_experts: int, expert_ffn_size: int) -> None:
+        """Layout constraints of a mixture of experts: experts over ep ranks, expert width over etp."""
+        if num_experts % self.ep:
+            fits = [ep for ep in range(1, num_experts + 1) if num_experts % ep == 0]
+            raise ValueError(f"num_experts={num_experts} is not divisible by parallel.ep={self.ep}: choose "
+                             f"parallel.ep among {fits}")
+        if expert_ffn_size % self.etp:
+            raise ValueError(f"moe_intermediate_size={expert_ffn_size} is not divisible by parallel.etp={self.etp}")
+
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, ffn_size: int | None = None) -> None:
         """Layout constraints that depend on the model shape; the advice lists only tensor-parallel
         sizes that satisfy all of them (heads, KV heads, MLP width; the vocabulary is padded)."""

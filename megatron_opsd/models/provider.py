@@ -151,12 +151,8 @@ def moe_kwargs(model: ModelConfig, runtime: ParallelRuntime, build: ModelBuildCo
     """
     if not model.is_moe:
         return {}
+    runtime.config.check_experts(model.num_experts, model.moe_intermediate_size)
     ep, etp = runtime.config.ep, runtime.config.etp
-    if model.num_experts % ep:
-        raise ValueError(f"num_experts={model.num_experts} is not divisible by parallel.ep={ep}")
-    if model.moe_intermediate_size % etp:
-        raise ValueError(f"moe_intermediate_size={model.moe_intermediate_size} is not divisible by "
-                         f"parallel.etp={etp}")
     shared = model.shared_expert_intermediate_size or None
     return dict(
         num_moe_experts=model.num_experts,
