@@ -155,3 +155,16 @@ def test_tp1_logits_match_transformers(runtime, family, overrides):
     if not overrides:  # the check can fail: a swapped expert moves the logits far beyond ATOL
         swapped = _tp1_logits(runtime, cfg, hf_model, tokens, swap_experts=True)
         assert (swapped - reference).abs().max() > 100 * ATOL
+
+
+@pytest.mark.parametrize("parallel, message", [
+    (dict(tp=2), "parallel.tp=2 with a mixture of experts needs parallel.sequence_parallel=true"),
+    (dict(ep=3), r"num_experts=4 is not divisible by parallel.ep=3"),
+])
+def test_training_config_refuses_unsupported_expert_layouts(parallel, message):
+    from megatron_opsd.config import JobConfig
+
+    cfg = moe_cfg("qwen3_moe", max_position_embeddings=4096)
+    JobConfig(model=cfg, parallel=ParallelConfig(ep=2))  # fine
+    with pytest.raises(ValueError, match=message):
+        JobConfig(model=cfg, parallel=ParallelConfig(**parallel))
