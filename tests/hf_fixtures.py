@@ -111,3 +111,32 @@ def hf_logits(model, tokens: torch.Tensor) -> torch.Tensor:
     """[B, L, V] logits of ``tokens`` [B, L] (no padding, positions 0..L-1)."""
     with torch.no_grad():
         return model(input_ids=tokens, use_cache=False).logits
+
+
+def checkpoint_tensors(model) -> dict[str, torch.Tensor]:
+    """``model``'s parameters (or, with ``.grad`` taken first, anything keyed like its state dict) under
+    the names its checkpoint files use. transformers 5.x keeps a mixture of experts' weights fused in
+    memory (``experts.gate_up_proj`` [E, 2F, H] = per expert cat([gate, up]), ``experts.down_proj``
+    [E, H, F]); its checkpoints hold one tensor per expert and projection (Mixtral: ``block_sparse_moe``,
+    w1 = gate, w3 = up, w2 = down). Dense models: the state dict as it is."""
+    return to_checkpoint_names({k: v for k, v in model.state_dict().items()}, model.config.model_type)
+
+
+def to_checkpoint_names(tensors: dict[str, torch.Tensor], model_type: str) -> dict[str, torch.Tensor]:
+    mixtral = model_type == "mixtral"
+    gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+    out = {}
+    for name, t in tensors.items():
+        block = name.replace(".mlp.", ".block_sparse_moe.") if mixtral and ".mlp." in name else name
+        if name.endswith("mlp.experts.gate_up_proj"):
+            prefix = block[: -len("gate_up_proj")]
+            for j in range(t.shape[0]):
+                g, u = t[j].chunk(2, dim=0)
+                out[f"{prefix}{j}.{gate}.weight"], out[f"{prefix}{j}.{up}.weight"] = g.contiguous(), u.contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            prefix = block[: -len("down_proj")]
+            for j in range(t.shape[0]):
+                out[f"{prefix}{j}.{down}.weight"] = t[j].contiguous()
+        else:
+            out[block] = t
+    return out

@@ -22,3 +22,11 @@ def test_moe_opsd_step_aux_loss_and_expert_parallel_layouts(tmp_path):
     assert "moe_opsd_step: all checks passed" in out, out[-5000:]
     for layout in ("EP2", "EP4", "EP2xPP2", "DP4", "EP2 frozen teacher"):
         assert f"{layout:<19} loss=" in out, f"{layout!r} did not run:\n{out[-5000:]}"
+
+
+@pytest.mark.distributed
+def test_moe_opsd_step_matches_plain_pytorch_on_the_hf_model():
+    out = run_torchrun(Path(__file__).parent / "workers" / "moe_opsd_hf_reference.py", 1)
+    assert "moe_opsd_hf_reference: all checks passed" in out, out[-5000:]
+    for family in ("qwen3_moe", "qwen2_moe", "mixtral"):
+        assert f"{family:<9} loss=" in out, out[-5000:]

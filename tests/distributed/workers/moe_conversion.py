@@ -23,11 +23,11 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from tests.distributed.workers.common import rank_print  # noqa: E402
+from tests.distributed.workers.conversion_layouts import logits_at_layout  # noqa: E402
 from tests.distributed.workers.conversion_single import (assert_bit_exact, hf_logits, hf_tensors,  # noqa: E402
                                                          megatron_tp1_logits, tokens_for)
 
@@ -91,28 +91,6 @@ def convert(work: Path) -> None:
     print("moe convert: all checks passed", flush=True)
 
 
-def full_logits(cfg, checkpoint: Path, tokens, runtime, save_to: Path | None = None) -> torch.Tensor:
-    """[B, L, V] logits on every rank of ``checkpoint`` loaded at this layout."""
-    from megatron_opsd.checkpoint import load_model, save_model
-    from megatron_opsd.conversion.verify import megatron_logits
-    from megatron_opsd.models.provider import build_model
-
-    chunks = build_model(cfg, runtime)  # randomly initialised: loading must overwrite every weight
-    load_model(chunks, checkpoint)
-    for chunk in chunks:  # (megatron-core refuses MoE *training* at TP > 1 without sequence parallelism)
-        chunk.eval()
-    logits = megatron_logits(chunks, runtime, tokens)
-    full, flag = torch.zeros(*tokens.shape, cfg.vocab_size), torch.zeros(1)
-    if runtime.is_last_stage and runtime.tp_rank == 0 and runtime.dp_rank == 0:
-        full, flag = logits[..., :cfg.vocab_size].contiguous(), torch.ones(1)
-    dist.all_reduce(full)
-    dist.all_reduce(flag)
-    assert flag.item() == 1
-    if save_to is not None:
-        save_model(chunks, cfg, save_to)
-    return full
-
-
 def layouts(work: Path) -> None:
     from megatron_opsd.checkpoint import read_model_json
     from megatron_opsd.conversion.verify import verify
@@ -129,7 +107,8 @@ def layouts(work: Path) -> None:
         runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp), seed=17)
         for family, (cfg, tokens, reference) in cases.items():
             save_to = work / "resaved" / family if layout == RESAVE_FROM else None
-            err = (full_logits(cfg, work / "meg" / family, tokens, runtime, save_to) - reference).abs().max().item()
+            logits = logits_at_layout(cfg, work / "meg" / family, tokens, runtime, save_to=save_to)
+            err = (logits - reference).abs().max().item()
             assert err <= ATOL, f"{family} {name}: max|dlogit| vs HF {err:.3e} > {ATOL}"
             rank_print(f"{family:<9} {name:<16} max|dlogit| vs HF={err:.2e}")
         runtime.destroy()
