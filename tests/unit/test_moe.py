@@ -107,7 +107,8 @@ def test_experts_must_divide_by_ep(runtime):
     class Layout:  # moe_kwargs reads only runtime.config
         config = ParallelConfig(ep=3)
 
-    with pytest.raises(ValueError, match=r"num_experts=4 is not divisible by parallel.ep=3: choose parallel.ep among \[1, 2, 4\]"):
+    with pytest.raises(ValueError, match=r"num_experts=4 is not divisible by parallel.ep=3: choose parallel.ep "
+                                         r"among \[1, 2, 4\]"):
         moe_kwargs(moe_cfg("qwen3_moe"), Layout(), ModelBuildConfig())
 
 

@@ -87,7 +87,8 @@ def convert(work: Path) -> None:
         print(f"{family:<9} hf->megatron->hf bit-exact ({count} tensors); TP1 max|dlogit| vs HF={err:.2e}",
               flush=True)
         swap_experts(hf, work / "hf_swapped" / family)
-        hf_to_megatron_main(["--hf-dir", str(work / "hf_swapped" / family), "--out", str(work / "meg_swapped" / family)])
+        hf_to_megatron_main(["--hf-dir", str(work / "hf_swapped" / family),
+                             "--out", str(work / "meg_swapped" / family)])
     print("moe convert: all checks passed", flush=True)
 
 
