@@ -176,6 +176,12 @@ class JobConfig:
         self.parallel.check_model(m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
                                   m.intermediate_size)
         self.model.check_sequence_length(self.data.max_seq_len)
+        if m.is_moe:
+            self.parallel.check_experts(m.num_experts, m.moe_intermediate_size)
+            if self.parallel.tp > 1 and not self.parallel.sequence_parallel:
+                raise ValueError(f"parallel.tp={self.parallel.tp} with a mixture of experts needs "
+                                 "parallel.sequence_parallel=true (megatron-core refuses MoE training under "
+                                 "TP without it); or split the experts with parallel.ep instead")
         if self.data.max_seq_len > self.model.max_position_embeddings:
             raise ValueError(f"data.max_seq_len={self.data.max_seq_len} exceeds the model's "
                              f"max_position_embeddings={self.model.max_position_embeddings}: lower "

@@ -71,6 +71,21 @@ class _CpuEvent:
         return (end._time - self._time) * 1000.0
 
 
+class _CpuStream:
+    """Why: megatron's alltoall MoE token dispatcher creates a ``torch.cuda.Stream`` for its
+    device-to-host copies of the split sizes and waits on an event recorded there. On CPU there is
+    nothing to overlap: one stream, events that are already complete."""
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def record_event(self, event=None) -> _CpuEvent:
+        return _CpuEvent()
+
+
+_CPU_STREAM = _CpuStream()
+
+
 def check_version() -> None:
     from importlib.metadata import version
 
@@ -112,6 +127,35 @@ def _patch_rng_tracker() -> None:
     mp_random.CudaRNGStatesTracker.add = add
 
 
+def _define_missing_te_names() -> None:
+    """Why (GPU too, whenever Transformer Engine is absent): megatron-core 0.16.1's MoE router gating
+    (``moe_utils.RouterGatingLinearFunction``) tests ``te_general_gemm is not None``, a name only
+    bound when the TE import succeeds: NameError on every MoE forward without TE. Binding it to None
+    selects the torch matmul path that was meant."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _patch_moe_dispatcher() -> None:
+    """Why: the alltoall MoE token dispatcher (1) creates a ``torch.cuda.Stream`` for device-to-host
+    copies of the split sizes and (2) gets them back as numpy arrays only when they were on the GPU
+    (``maybe_move_tensor_to_cpu``); CPU tensors stay tensors, which ``all_to_all_single`` refuses as
+    split sizes. On CPU: one pseudo-stream, and CPU split sizes converted as the GPU path converts them."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.MoEAlltoAllTokenDispatcher.cuda_dtoh_stream = _CPU_STREAM  # (torch.cuda.Stream: a type)
+    torch.cuda.current_stream = lambda *a, **k: _CPU_STREAM
+
+    def to_host(tensor, as_numpy: bool = False, record_stream: bool = False):
+        if as_numpy and torch.is_tensor(tensor):
+            return tensor.numpy()
+        return tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_host
+
+
 def enabled() -> bool:
     return _applied
 
@@ -121,6 +165,7 @@ def apply() -> bool:
     global _applied, _mode
     if _applied:
         return True
+    _define_missing_te_names()
     if torch.cuda.is_available():
         return False
     check_version()
@@ -137,6 +182,8 @@ def apply() -> bool:
     torch.cuda.current_device = lambda: 0  # an index; the mode below maps it to CPU
     torch.cuda.synchronize = lambda *a, **k: None  # p2p batching, checkpoint save
     torch.cuda.Event = _CpuEvent
+    _patch_moe_dispatcher()
+    torch.cuda.stream = lambda stream: contextlib.nullcontext()
     _patch_rng_tracker()
     _mode = _CudaToCpuMode()
     _mode.__enter__()  # stays active for the process lifetime

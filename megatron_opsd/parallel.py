@@ -25,11 +25,15 @@ from megatron_opsd.config_io import doc
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. dp is derived: world_size / (tp * pp)."""
+    """Parallel layout. dp is derived: world_size / (tp * pp). MoE layers use their own layout over
+    the same processes (megatron-core's expert groups): ep x etp x pp, expert-data-parallel derived:
+    world_size / (etp * ep * pp)."""
 
     tp: int = doc("Tensor-parallel size (shards heads, MLP and vocabulary).", default=1)
     pp: int = doc("Pipeline-parallel size (stages of consecutive layers).", default=1)
     vpp: int | None = doc("Virtual pipeline chunks per stage (interleaved 1F1B); None = off.", default=None)
+    ep: int = doc("Expert-parallel size (MoE models: routed experts split over ep ranks).", default=1)
+    etp: int | None = doc("Expert tensor-parallel size (MoE expert weights); None means tp.", default=None)
     sequence_parallel: bool = doc("Megatron sequence parallelism (needs tp > 1): activations between layers "
                                   "are sequence-sharded over TP ranks.", default=False)
     use_distributed_optimizer: bool = doc("Shard optimizer state over data-parallel ranks.", default=True)
@@ -37,7 +41,9 @@ class ParallelConfig:
     timeout_minutes: int = doc("Collective timeout.", default=30)
 
     def __post_init__(self) -> None:
-        for name in ("tp", "pp"):
+        if self.etp is None:
+            self.etp = self.tp
+        for name in ("tp", "pp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.vpp is not None:
@@ -57,6 +63,20 @@ class ParallelConfig:
                 f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
                 f"{self.tp} * {self.pp}: launch a multiple of {self.tp * self.pp} processes "
                 "or change tp/pp")
+        expert = self.etp * self.ep * self.pp
+        if world_size % expert:
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.etp * parallel.ep * parallel.pp = "
+                f"{self.etp} * {self.ep} * {self.pp}: the expert layout needs a multiple of {expert} processes")
+
+    def check_experts(self, num_experts: int, expert_ffn_size: int) -> None:
+        """Layout constraints of a mixture of experts: experts over ep ranks, expert width over etp."""
+        if num_experts % self.ep:
+            fits = [ep for ep in range(1, num_experts + 1) if num_experts % ep == 0]
+            raise ValueError(f"num_experts={num_experts} is not divisible by parallel.ep={self.ep}: choose "
+                             f"parallel.ep among {fits}")
+        if expert_ffn_size % self.etp:
+            raise ValueError(f"moe_intermediate_size={expert_ffn_size} is not divisible by parallel.etp={self.etp}")
 
     def check_model(self, num_layers: int, num_heads: int, num_kv_heads: int, ffn_size: int | None = None) -> None:
         """Layout constraints that depend on the model shape; the advice lists only tensor-parallel
@@ -96,6 +116,9 @@ class ParallelRuntime:
     mp_group: dist.ProcessGroup
     embd_group: dist.ProcessGroup | None
     pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
+    ep_group: dist.ProcessGroup | None = None  # expert parallel
+    etp_group: dist.ProcessGroup | None = None  # expert tensor parallel
+    expert_dp_group: dist.ProcessGroup | None = None  # replicas of the same experts (their grads reduce here)
     seed: int = 1234
 
     @property
@@ -113,6 +136,18 @@ class ParallelRuntime:
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
+
+    @property
+    def ep(self) -> int:
+        return self.config.ep
+
+    @property
+    def ep_rank(self) -> int:
+        return dist.get_rank(self.ep_group) if self.ep_group is not None else 0
+
+    @property
+    def etp_rank(self) -> int:
+        return dist.get_rank(self.etp_group) if self.etp_group is not None else 0
 
     @property
     def tp_rank(self) -> int:
@@ -229,14 +264,14 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def seed_everything(seed: int, tp_rank: int = 0) -> None:
+def seed_everything(seed: int, tp_rank: int = 0, ep_rank: int = 0, etp_rank: int = 0) -> None:
     """Seed python, numpy, torch and megatron's tensor-parallel RNG tracker."""
     from megatron.core import tensor_parallel
 
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)  # on CPU megatron's CUDA seeding below is a no-op for the default generator
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=0, etp_rank=0,
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, tp_rank=tp_rank, ep_rank=ep_rank, etp_rank=etp_rank,
                                                     force_reset_rng=True)
     torch.manual_seed(seed)
 
@@ -267,6 +302,8 @@ def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
         tensor_model_parallel_size=config.tp,
         pipeline_model_parallel_size=config.pp,
         virtual_pipeline_model_parallel_size=config.vpp,
+        expert_model_parallel_size=config.ep,
+        expert_tensor_parallel_size=config.etp,
         distributed_timeout_minutes=config.timeout_minutes,
         # Nothing here uses megatron's gloo groups (the optimizer is built without them); on a large
         # cluster each would cost a gloo communicator per group per process.
@@ -285,9 +322,12 @@ def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
         mp_group=ps.get_model_parallel_group(),
         embd_group=ps.get_embedding_group(check_initialized=False),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        ep_group=ps.get_expert_model_parallel_group(),
+        etp_group=ps.get_expert_tensor_parallel_group(),
+        expert_dp_group=ps.get_expert_data_parallel_group(),
         seed=seed,
     )
-    seed_everything(seed, tp_rank=runtime.tp_rank)
+    seed_everything(seed, tp_rank=runtime.tp_rank, ep_rank=runtime.ep_rank, etp_rank=runtime.etp_rank)
     return runtime
 
 

@@ -92,6 +92,8 @@ def verify_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--megatron-dir", required=True)
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--ep", type=int, default=1, help="expert-parallel size (MoE models)")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor-parallel size (default: --tp)")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="max |dlogit| allowed (fp32: exact conversions differ by summation order only)")
     parser.add_argument("--batch-size", type=int, default=2)
@@ -107,7 +109,8 @@ def verify_main(argv: list[str] | None = None) -> int:
 
     args.megatron_dir = str(resolve_weights(args.megatron_dir, "--megatron-dir"))
 
-    comparison, passed = verify(args.hf_dir, args.megatron_dir, tp=args.tp, pp=args.pp, atol=args.atol,
+    comparison, passed = verify(args.hf_dir, args.megatron_dir, tp=args.tp, pp=args.pp, ep=args.ep, etp=args.etp,
+                                atol=args.atol,
                                 batch_size=args.batch_size, seq_len=args.seq_len, seed=args.seed)
     if args.json and dist.get_rank() == 0:
         write_report(args.json, comparison, passed, args.atol)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
@@ -54,7 +55,32 @@ DIST_LAYER = {
     "mlp.linear_fc1.weight": "mlp.linear_fc1.weight",
     "mlp.linear_fc2.weight": "mlp.linear_fc2.weight",
 }
+# Mixtures of experts (MoE layers; megatron-core writes one key per layer, ``decoder.layers.{i}.<key>``,
+# for every layer of a model whose moe_layer_freq is a list, dense ones included).
+DIST_LAYER.update({
+    "mlp.router.weight": "mlp.router.weight",
+    "mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts.linear_fc1.weight",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.linear_fc2.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_experts.gate_weight",
+})
+# Routed experts stacked [num_experts, ...] -> decoder.layers.{i}.mlp.experts.local_experts.{j}.<name>
+DIST_EXPERTS = {
+    "mlp.experts.experts.linear_fc1.weight": "linear_fc1.weight",
+    "mlp.experts.experts.linear_fc2.weight": "linear_fc2.weight",
+}
+_PER_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 _MODEL_NAMESPACES = ("embedding.", "decoder.", "output_layer.")
+
+
+def _layer_key(rel: str) -> tuple[int | None, str | None]:
+    """(layer index or None when stacked over layers, key within the layer) of a dist key; (None, None)
+    for a global tensor."""
+    if not rel.startswith("decoder.layers."):
+        return None, None
+    match = _PER_LAYER.match(rel)
+    if match:
+        return int(match.group(1)), match.group(2)
+    return None, rel[len("decoder.layers."):]
 
 
 def find_model_prefix(tensor_keys) -> str:
@@ -78,8 +104,8 @@ def model_tensor_metadata(megatron_dir: str | Path) -> tuple[str, dict]:
         if not key.startswith(prefix) or not key[len(prefix):].startswith(_MODEL_NAMESPACES):
             continue  # optimizer state, RNG, ...: not read
         rel = key[len(prefix):]
-        layer_key = rel[len("decoder.layers."):] if rel.startswith("decoder.layers.") else None
-        if rel not in DIST_GLOBAL and layer_key not in DIST_LAYER:
+        _, layer_key = _layer_key(rel)
+        if rel not in DIST_GLOBAL and layer_key not in DIST_LAYER and layer_key not in DIST_EXPERTS:
             raise ConversionError(f"unknown model tensor {key!r} in the dist checkpoint (no entry in "
                                   "DIST_GLOBAL / DIST_LAYER)")
         model[rel] = sharded
@@ -142,6 +168,18 @@ def stream_unsharded(megatron_dir: str | Path, cfg: ModelConfig, *, meta: bool =
             value = dist_checkpointing.load(request, str(megatron_dir), validate_access_integrity=False)["t"]
         if rel in DIST_GLOBAL:
             yield DIST_GLOBAL[rel], value
+            continue
+        layer, key = _layer_key(rel)
+        if layer is not None:  # one layer's tensor (MoE models)
+            if layer >= cfg.num_hidden_layers:
+                raise ConversionError(f"dist tensor {prefix + rel!r} is for layer {layer}, model.json says "
+                                      f"num_hidden_layers={cfg.num_hidden_layers}")
+            if key in DIST_EXPERTS:
+                for j in range(shape[0]):
+                    yield f"decoder.layers.{layer}.mlp.experts.local_experts.{j}.{DIST_EXPERTS[key]}", value[j]
+            else:
+                yield f"decoder.layers.{layer}.{DIST_LAYER[key]}", value
+            del value
             continue
         if shape[0] != cfg.num_hidden_layers:
             raise ConversionError(f"dist tensor {prefix + rel!r} stacks {shape[0]} layers, model.json says "

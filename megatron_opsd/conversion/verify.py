@@ -130,7 +130,8 @@ def config_differences(hf_dir: str | Path, megatron_dir: str | Path) -> list[str
             for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
 
 
-def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int = 1, atol: float = 1e-4,
+def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int = 1, ep: int = 1,
+           etp: int | None = None, atol: float = 1e-4,
            batch_size: int = 2, seq_len: int = 64, seed: int = 0, log=print) -> tuple[Comparison, bool]:
     """Compare logits; every rank returns the same (comparison, passed). Collective under torchrun."""
     from megatron_opsd.checkpoint import read_model_json
@@ -143,7 +144,7 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
     cfg.check_sequence_length(seq_len)  # sliding window: refuse sequences the model cannot handle
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len={seq_len} exceeds max_position_embeddings={cfg.max_position_embeddings}")
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp))
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, ep=ep, etp=etp))
     rank0 = runtime.rank == 0
     try:
         differences = config_differences(hf_dir, megatron_dir)
@@ -174,7 +175,8 @@ def verify(hf_dir: str | Path, megatron_dir: str | Path, *, tp: int = 1, pp: int
             name = str(stored).removeprefix("torch.")
             compared = ("fp32 weights" if stored == torch.float32 else
                         f"{name} checkpoint vs HF weights rounded to {name}; both computed in fp32")
-            log(f"verify TP={tp} PP={pp} ({compared}): {comparison.line()} -> {'PASS' if passed else 'FAIL'} "
+            experts = f" EP={ep} ETP={runtime.config.etp}" if cfg.is_moe else ""
+            log(f"verify TP={tp} PP={pp}{experts} ({compared}): {comparison.line()} -> {'PASS' if passed else 'FAIL'} "
                 f"(atol={atol:g})")
         return comparison, passed
     finally:

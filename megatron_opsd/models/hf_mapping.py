@@ -9,7 +9,8 @@ rules are not renames:
 
 - q/k/v projections (and Qwen2's q/k/v biases) -> ``linear_qkv``, laid out per KV group: for each group
   g, its nh/ng query heads, then its k head, then its v head (``merge_qkv`` / ``split_qkv``).
-- gate/up projections -> ``linear_fc1`` = cat([gate, up]) (``merge_fc1`` / ``split_fc1``).
+- gate/up projections -> ``linear_fc1`` = cat([gate, up]) (``merge_fc1`` / ``split_fc1``), also for
+  every routed expert and the shared expert of a mixture of experts (``moe_rules``).
 - vocabulary rows: megatron pads embedding/output rows to a multiple of TP; padded rows are dropped on
   export (``unsharded_to_hf``). Import yields exactly V rows (``sharding.pad_vocab`` pads per layout).
 
@@ -130,10 +131,42 @@ LAYER_RULES: tuple[Rule, ...] = (
     Rule(("self_attn.o_proj.weight",), "self_attention.linear_proj.weight",
          lambda c: ((c.hidden_size, _q(c)),)),
     Rule(("post_attention_layernorm.weight",), "pre_mlp_layernorm.weight", lambda c: ((c.hidden_size,),)),
+)
+# The MLP of a dense layer (dense models, and the dense layers of a mixture of experts).
+DENSE_MLP_RULES: tuple[Rule, ...] = (
     Rule(("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.linear_fc1.weight",
          lambda c: ((c.intermediate_size, c.hidden_size),) * 2, **_FC1),
     Rule(("mlp.down_proj.weight",), "mlp.linear_fc2.weight", lambda c: ((c.hidden_size, c.intermediate_size),)),
 )
+
+
+def _expert_shapes(c):
+    return ((c.moe_intermediate_size, c.hidden_size),) * 2
+
+
+def moe_rules(cfg: ModelConfig) -> tuple[Rule, ...]:
+    """The MLP of an MoE layer: router, every routed expert (``{j}``: global expert index; megatron's
+    SequentialMLP names them ``local_experts.{j}`` at EP=1) and Qwen2-MoE's gated shared expert.
+    Mixtral's checkpoints name the block ``block_sparse_moe`` and the projections w1 (gate), w3 (up),
+    w2 (down)."""
+    block, (gate, up, down) = (("block_sparse_moe", ("w1", "w3", "w2")) if cfg.model_type == "mixtral"
+                               else ("mlp", ("gate_proj", "up_proj", "down_proj")))
+    rules = [Rule((f"{block}.gate.weight",), "mlp.router.weight", lambda c: ((c.num_experts, c.hidden_size),))]
+    for j in range(cfg.num_experts):
+        expert, local = f"{block}.experts.{j}", f"mlp.experts.local_experts.{j}"
+        rules += [Rule((f"{expert}.{gate}.weight", f"{expert}.{up}.weight"), f"{local}.linear_fc1.weight",
+                       _expert_shapes, **_FC1),
+                  Rule((f"{expert}.{down}.weight",), f"{local}.linear_fc2.weight",
+                       lambda c: ((c.hidden_size, c.moe_intermediate_size),))]
+    if cfg.shared_expert_intermediate_size:
+        shared = lambda c: ((c.shared_expert_intermediate_size, c.hidden_size),)  # noqa: E731
+        rules += [Rule(("mlp.shared_expert.gate_proj.weight", "mlp.shared_expert.up_proj.weight"),
+                       "mlp.shared_experts.linear_fc1.weight", lambda c: shared(c) * 2, **_FC1),
+                  Rule(("mlp.shared_expert.down_proj.weight",), "mlp.shared_experts.linear_fc2.weight",
+                       lambda c: ((c.hidden_size, c.shared_expert_intermediate_size),)),
+                  Rule(("mlp.shared_expert_gate.weight",), "mlp.shared_experts.gate_weight",
+                       lambda c: ((1, c.hidden_size),))]
+    return tuple(rules)
 
 # HF buffers some older checkpoints carry; recomputed from the config, never weights.
 HF_IGNORED = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
@@ -156,8 +189,9 @@ class _Entry:
 def expand_rules(cfg: ModelConfig) -> list[_Entry]:
     """The table instantiated for every layer of ``cfg`` (only the rules that apply to it)."""
     entries = [_Entry(r, r.hf, r.megatron, r.shapes(cfg)) for r in GLOBAL_RULES if r.when(cfg)]
-    for i in range(cfg.num_hidden_layers):
-        for r in LAYER_RULES:
+    moe = moe_rules(cfg) if cfg.is_moe else ()
+    for i, is_moe in enumerate(cfg.moe_layers):
+        for r in LAYER_RULES + (moe if is_moe else DENSE_MLP_RULES):
             if r.when(cfg):
                 entries.append(_Entry(r, tuple(f"model.layers.{i}.{n}" for n in r.hf),
                                       f"decoder.layers.{i}.{r.megatron}", r.shapes(cfg)))

@@ -123,7 +123,9 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
         # peer pair up wrongly (deadlock or wrong shapes). Interleaved runs pad every micro-batch
         # of a step to one length instead (see engine.forward_backward).
         variable_seq_lengths=runtime.vpp is None,
-        moe_token_dispatcher_type="alltoall",  # no MoE; the default "allgather" refuses variable lengths
+        # (dense models too: the default "allgather" refuses variable lengths)
+        moe_token_dispatcher_type="alltoall",
+        **moe_kwargs(model, runtime, build),
         # With interleaved PP, batched p2p pairs sends/recvs wrongly when prev == next rank (PP=2):
         # silently wrong gradients (MEGATRON_NOTES.md §2). Unbatched p2p is always correct.
         batch_p2p_comm=runtime.vpp is None,
@@ -139,15 +141,58 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
     )
 
 
-def layer_spec(model: ModelConfig, build: ModelBuildConfig):
-    from megatron.core.models.gpt import gpt_layer_specs
+def moe_kwargs(model: ModelConfig, runtime: ParallelRuntime, build: ModelBuildConfig) -> dict:
+    """megatron-core's MoE settings reproducing HF's routing.
 
+    HF routes by softmax over all experts, then top-k; with ``norm_topk_prob`` (Mixtral: always) the k
+    probabilities are renormalised, which equals megatron's default (top-k of the logits, softmax over
+    those k); without it they are kept as they are: megatron's ``moe_router_pre_softmax``. Dropless
+    (no capacity factor), alltoall dispatcher; the aux loss is the switch-style load-balancing loss.
+    """
+    if not model.is_moe:
+        return {}
+    runtime.config.check_experts(model.num_experts, model.moe_intermediate_size)
+    ep, etp = runtime.config.ep, runtime.config.etp
+    shared = model.shared_expert_intermediate_size or None
+    return dict(
+        num_moe_experts=model.num_experts,
+        moe_router_topk=model.num_experts_per_tok,
+        moe_ffn_hidden_size=model.moe_intermediate_size,
+        moe_layer_freq=[int(moe) for moe in model.moe_layers],
+        moe_shared_expert_intermediate_size=shared,
+        moe_shared_expert_gate=shared is not None,  # Qwen2-MoE: sigmoid(x @ gate) * shared(x)
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not model.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=model.router_aux_loss_coef,
+        moe_grouped_gemm=use_transformer_engine(build),
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+    )
+
+
+def use_transformer_engine(build: ModelBuildConfig) -> bool:
     use_te = build.transformer_engine == "on" or (
         build.transformer_engine == "auto" and have_transformer_engine())
+    if use_te and not have_transformer_engine():
+        raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable, "
+                         "CUDA is absent, or megatron-core cannot use the installed TE: use auto or off")
+    return use_te
+
+
+def layer_spec(model: ModelConfig, build: ModelBuildConfig, config=None, runtime: ParallelRuntime | None = None,
+               vp_stage: int | None = None):
+    """The decoder spec: one layer spec for dense models; for MoE models the block spec of this
+    pipeline chunk (dense and MoE layers by ``moe_layer_freq``; experts are SequentialMLP on the local
+    spec, TE grouped GEMM with Transformer Engine)."""
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    use_te = use_transformer_engine(build)
+    if model.is_moe:
+        return gpt_layer_specs.get_gpt_decoder_block_spec(
+            config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage,
+            pp_rank=runtime.pp_rank)
     if use_te:
-        if not have_transformer_engine():
-            raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable, "
-                             "CUDA is absent, or megatron-core cannot use the installed TE: use auto or off")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
     return _replace_modules(spec, _torch_norm_class(), RMSNormSP)
@@ -194,6 +239,14 @@ def _replace_modules(spec, old, new):
     return spec
 
 
+def decoder_spec(model: ModelConfig, build: ModelBuildConfig, config, runtime: ParallelRuntime,
+                 vp_stage: int | None):
+    """This chunk's decoder spec: MoE models' block spec as megatron builds it; dense models' local
+    layer spec as a block whose final norm is ``RMSNormSP`` too."""
+    spec = layer_spec(model, build, config, runtime, vp_stage)
+    return spec if model.is_moe else block_spec(spec, config, vp_stage, runtime.pp_rank)
+
+
 def block_spec(spec, config, vp_stage: int | None, pp_rank: int):
     """The local layer spec as a whole block whose final norm is ``RMSNormSP`` too (megatron-core
     would build its module-level default, ``WrappedTorchNorm``); other specs as they are."""
@@ -228,7 +281,6 @@ def build_model(model: ModelConfig, runtime: ParallelRuntime,
 
     build = build or ModelBuildConfig()
     config = transformer_config(model, runtime, build)
-    spec = layer_spec(model, build)
     vocab = padded_vocab_size(model.vocab_size, runtime.tp)
     num_chunks = runtime.vpp or 1
     chunks = []
@@ -237,7 +289,7 @@ def build_model(model: ModelConfig, runtime: ParallelRuntime,
         post = runtime.is_last_stage and vp_stage == num_chunks - 1
         chunk = GPTModel(
             config=config,
-            transformer_layer_spec=block_spec(spec, config, vp_stage if runtime.vpp else None, runtime.pp_rank),
+            transformer_layer_spec=decoder_spec(model, build, config, runtime, vp_stage if runtime.vpp else None),
             vocab_size=vocab,
             max_sequence_length=model.max_position_embeddings,
             pre_process=pre,
@@ -257,7 +309,7 @@ def build_model(model: ModelConfig, runtime: ParallelRuntime,
 
 # The weights megatron-core initialises randomly (everything else is ones or zeros), and their std.
 _RANDOM_WEIGHTS = ("word_embeddings.weight", "output_layer.weight", "linear_qkv.weight", "linear_fc1.weight",
-                   "linear_proj.weight", "linear_fc2.weight")
+                   "linear_proj.weight", "linear_fc2.weight", "router.weight", "shared_experts.gate_weight")
 _SCALED_WEIGHTS = ("linear_proj.weight", "linear_fc2.weight")  # megatron: std / sqrt(2 * num_layers)
 
 
@@ -274,15 +326,18 @@ def init_random_weights(chunks: list[torch.nn.Module], model: ModelConfig, runti
     start from exactly the TP1/PP1 weights. Distributions are megatron-core's (normal(0, std), output
     projections of each layer std / sqrt(2 * layers)); norms and biases keep their constant init.
     """
-    from megatron_opsd.models.sharding import layer_offset_map, pad_vocab, shard, to_global_name, unshard
+    from megatron_opsd.models.sharding import (ExpertLayout, expert_offset, layer_offset_map, pad_vocab, shard,
+                                               to_global_name, unshard)
 
-    tp_rank, tp = runtime.tp_rank, runtime.tp
+    experts = ExpertLayout.of(runtime)
     for chunk in chunks:
         offsets = layer_offset_map(chunk)
+        first_expert = expert_offset(chunk, experts)
         for name, param in chunk.state_dict(keep_vars=True).items():
             if not name.endswith(_RANDOM_WEIGHTS):
                 continue
-            key = to_global_name(name, offsets)
+            key = to_global_name(name, offsets, first_expert)
+            tp_rank, tp = experts.tp_of(key, runtime.tp_rank, runtime.tp)
             if key == "output_layer.weight" and model.tie_word_embeddings:
                 key = "embedding.word_embeddings.weight"  # PP > 1: the last stage's copy of the embedding
             shape = list(unshard(key, [param.detach().to("meta")] * tp).shape)

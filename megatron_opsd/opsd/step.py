@@ -24,6 +24,12 @@ and data-parallel ranks. Each micro-batch's loss function returns (sum over its 
 count); with ``calculate_per_token_loss`` megatron-core's ``finalize_model_grads`` divides the summed
 gradients by the token count summed over micro-batches and DP ranks. Loss and gradients therefore do
 not depend on the layout or the number of micro-batches.
+
+Mixtures of experts: both contexts are routed; megatron-core's routers attach the student's
+load-balancing loss (coefficient ``router_aux_loss_coef``) to its routing probabilities, only when
+gradients are enabled, so the teacher part adds nothing (``moe_aux_loss``, reported as a metric).
+With ``calculate_per_token_loss`` megatron weighs each micro-batch's aux loss by its routed tokens
+before the global division by response tokens.
 """
 
 from __future__ import annotations
@@ -473,13 +479,54 @@ def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: l
     # the stage message: the student context, and the teacher's when there is a teacher (not in sft)
     longest = max(b.student.tokens.shape[1] + (b.teacher.tokens.shape[1] if ctx.teacher is not None else 0)
                   for b in batches)
+    moe = moe_layer_count(ddp_chunks)
+    if moe:
+        clear_moe_aux_losses()
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         stored = forward_backward(
             ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,
             num_microbatches=len(batches), seq_length=longest,
             micro_batch_size=batches[0].loss_mask.shape[0], forward_only=forward_only,
             grad_scale_func=grad_scale_func)
-    return reduce_metrics(stored, runtime)
+    metrics = reduce_metrics(stored, runtime)
+    if moe and not forward_only:
+        metrics["moe_aux_loss"] = moe_aux_loss(runtime, moe, len(batches))
+    return metrics
+
+
+def moe_layer_count(chunks: list[torch.nn.Module]) -> int:
+    """MoE layers of the whole model (0 for dense models)."""
+    pattern = getattr(chunks[0].config, "moe_layer_freq", None) if chunks[0].config.num_moe_experts else None
+    return sum(pattern) if isinstance(pattern, list) else (chunks[0].config.num_layers if pattern else 0)
+
+
+def clear_moe_aux_losses() -> None:
+    from megatron.core.transformer.moe.moe_utils import clear_aux_losses_tracker
+
+    clear_aux_losses_tracker()
+
+
+def moe_aux_loss(runtime: ParallelRuntime, num_moe_layers: int, num_microbatches: int) -> float:
+    """The student's load-balancing loss (without its coefficient), averaged over MoE layers, micro-batches
+    and data-parallel ranks: what megatron-core's routers added to the objective this step, as
+    ``router_aux_loss_coef`` x this value per micro-batch (its gradient enters through
+    ``MoEAuxLossAutoScaler``).
+
+    megatron-core's routers record it in a process-wide tracker, only when gradients are enabled: the
+    teacher part (under no_grad) neither adds to it nor attaches an aux-loss gradient (nor updates an
+    expert bias). Each stage holds its own layers' values; every TP rank holds the same value.
+    """
+    from megatron.core.transformer.moe.moe_utils import get_moe_layer_wise_logging_tracker
+
+    tracker = get_moe_layer_wise_logging_tracker().get("load_balancing_loss")
+    total = torch.zeros(1, dtype=torch.float64, device=runtime.device)
+    if tracker is not None:
+        total += tracker["values"].double().sum().to(runtime.device)
+    if runtime.pp > 1:
+        dist.all_reduce(total, group=runtime.pp_group)
+    dist.all_reduce(total, group=runtime.dp_group)
+    clear_moe_aux_losses()
+    return total.item() / (num_moe_layers * num_microbatches * runtime.dp)
 
 
 METRIC_KEYS = ("loss_sum", "tokens", "normalizer", "entropy_student_sum", "entropy_teacher_sum", "divergence_sum",
@@ -540,9 +587,22 @@ def optimizer_step(optimizer, clip_grad: float, step: int) -> float | None:
     if found_inf or not math.isfinite(grad_norm):
         raise NonFiniteError(f"non-finite gradient norm ({grad_norm}) at step {step}: no update applied")
     if clip_grad > 0:
-        optimizer.clip_grad_norm(clip_grad)
+        clip_by_total_norm(optimizer, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
     return grad_norm
+
+
+def clip_by_total_norm(optimizer, max_norm: float, total_norm: float) -> None:
+    """Scale every gradient by max_norm / total_norm when above, as megatron-core's ChainedOptimizer.step:
+    with expert parallelism the optimizer chains a dense and an expert optimizer (their parameters
+    reduce over different data-parallel groups), and ``clip_grad_norm`` of a chain is refused."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=total_norm,
+                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
 
 
 def _dynamic_loss_scaling(optimizer) -> bool:

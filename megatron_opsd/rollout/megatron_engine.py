@@ -89,6 +89,11 @@ class MegatronRolloutEngine:
         self._next_rank = pp_ranks[(runtime.pp_rank + 1) % runtime.pp]
         self._prev_rank = pp_ranks[(runtime.pp_rank - 1) % runtime.pp]
         self._last_rank = pp_ranks[-1]
+        # Mixtures of experts with expert parallelism: every forward exchanges tokens with the other
+        # ranks of the expert-parallel group (alltoall), whose data-parallel replicas have other prompts.
+        # They decode in lockstep: as many batches and steps as the busiest of them, finished ranks
+        # running their finished rows (outputs discarded), or a placeholder batch.
+        self._lockstep = runtime.ep_group if getattr(config, "num_moe_experts", None) and runtime.ep > 1 else None
         self.stats = _new_stats()
 
     # ---- public --------------------------------------------------------------------------------
@@ -100,15 +105,27 @@ class MegatronRolloutEngine:
         self.stats = _new_stats()
         rollout = Rollout()
         size = self.max_batch_size or max(len(prompts), 1)
+        starts = range(0, len(prompts), size)
         with self._inference_mode():
-            for start in range(0, len(prompts), size):
-                rollout.extend(self._generate_batch(prompts[start:start + size], keys[start:start + size],
-                                                    sampling))
+            for i in range(self._most_in_group(len(starts))):
+                if i < len(starts):
+                    rollout.extend(self._generate_batch(prompts[starts[i]:starts[i] + size],
+                                                        keys[starts[i]:starts[i] + size], sampling))
+                else:  # an expert-parallel peer has more batches
+                    self._generate_batch([[self.pad_id]], [SampleKey(prompt_id=0)], sampling, placeholder=True)
         return rollout
+
+    def _most_in_group(self, count: int) -> int:
+        """The largest ``count`` over the lockstep group (``count`` itself without one)."""
+        if self._lockstep is None:
+            return count
+        t = torch.tensor([count], dtype=torch.int64, device=self.runtime.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._lockstep)
+        return int(t.item())
 
     # ---- one batch -----------------------------------------------------------------------------
     def _generate_batch(self, prompts: list[list[int]], keys: list[SampleKey],
-                        sampling: SamplingParams) -> Rollout:
+                        sampling: SamplingParams, placeholder: bool = False) -> Rollout:
         from megatron.core.inference.contexts import StaticInferenceContext
 
         device = self.runtime.device
@@ -127,7 +144,7 @@ class MegatronRolloutEngine:
         rows = list(range(b))  # original row of each batch entry (finished rows are compacted away)
         out = Rollout(response_ids=[[] for _ in rows], sampling_logprobs=[[] for _ in rows],
                       model_logprobs=[[] for _ in rows], finish_reasons=["length"] * b)
-        done_b = torch.zeros(b, dtype=torch.bool, device=device)
+        done_b = torch.full((b,), placeholder, dtype=torch.bool, device=device)
         first, inverse = _distinct_rows(prompts)
         shared = self.kv_cache and self.shared_prefill and len(first) < b
         context = StaticInferenceContext(len(first) if shared else b, total) if self.kv_cache else None
@@ -165,10 +182,11 @@ class MegatronRolloutEngine:
                             out.finish_reasons[i] = "stop"
                 done_b |= stopped_b
                 num_done = int(done_b.sum())
-                if num_done == len(rows):
+                if self._most_in_group(int(num_done < len(rows))) == 0:
                     break
                 tokens_bt[:, end] = torch.where(done_b, self.pad_id, token_b)
-                if num_done * 4 >= len(rows):  # drop finished rows once they are a quarter of the batch
+                if len(rows) > num_done and num_done * 4 >= len(rows):  # drop finished rows once they are a
+                    # quarter of the batch (all of them only at the end: lockstep peers may still decode)
                     keep = (~done_b).nonzero()[:, 0]
                     rows, keys = [rows[j] for j in keep.tolist()], [keys[j] for j in keep.tolist()]
                     tokens_bt, real_bt, positions_bt = tokens_bt[keep], real_bt[keep], positions_bt[keep]

@@ -50,6 +50,8 @@ def logits_at_layout(cfg, checkpoint: Path, tokens, runtime, save_to: Path | Non
 
     chunks = build_model(cfg, runtime)  # randomly initialised: loading must overwrite every weight
     load_model(chunks, checkpoint)
+    for chunk in chunks:  # (megatron-core refuses MoE *training* at TP > 1 without sequence parallelism)
+        chunk.eval()
     logits = megatron_logits(chunks, runtime, tokens)
     # Share the last stage's logits with every rank (for the comparisons below).
     full = torch.zeros(BATCH, SEQ, cfg.vocab_size)

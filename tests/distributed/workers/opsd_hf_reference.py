@@ -90,8 +90,13 @@ def check(family: str) -> None:
     ours = {name: p.main_grad for name, p in ddp[0].module.named_parameters()}
 
     ref_loss, ref_grads_hf = reference(hf_model, pairs)
-    ref_grads = dict(hf_to_unsharded(ref_grads_hf.items(), cfg))
-    assert abs(metrics["loss"] - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (family, metrics["loss"], ref_loss)
+    compare(family, cfg, metrics["loss"], ours, ref_loss, dict(hf_to_unsharded(ref_grads_hf.items(), cfg)))
+    runtime.destroy()
+
+
+def compare(family: str, cfg, loss: float, ours: dict, ref_loss: float, ref_grads: dict) -> None:
+    """Loss and every gradient of ours (megatron names) against the reference (unsharded names)."""
+    assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-7, (family, loss, ref_loss)
     scale = max(g.abs().max().item() for g in ref_grads.values())
     worst = 0.0
     for name, grad in ours.items():
@@ -99,9 +104,8 @@ def check(family: str) -> None:
         expected = ref_grads[key]
         torch.testing.assert_close(grad, expected, atol=1e-5 * scale, rtol=1e-4, msg=lambda m: f"{family} {name}: {m}")
         worst = max(worst, (grad - expected).abs().max().item())
-    rank_print(f"{family:<8} loss={metrics['loss']:.8f} reference={ref_loss:.8f} "
+    rank_print(f"{family:<8} loss={loss:.8f} reference={ref_loss:.8f} "
                f"max|dgrad|={worst:.2e} (largest grad {scale:.2e}) over {len(ours)} tensors")
-    runtime.destroy()
 
 
 def main() -> None:
