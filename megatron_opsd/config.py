@@ -163,6 +163,10 @@ class JobConfig:
         if self.train.updates_per_rollout > 1 and not self.loss.policy_gradient:
             raise ValueError(f"train.updates_per_rollout={self.train.updates_per_rollout} needs loss.mode grpo "
                              "or opsd+grpo (the clipped ratio is what makes repeated updates safe)")
+        if "grpo" in self.loss.mode and self.train.max_tokens_per_micro_batch:
+            raise ValueError(f"train.max_tokens_per_micro_batch={self.train.max_tokens_per_micro_batch}: "
+                             f"token-budget batching does not apply to loss.mode={self.loss.mode} yet (its "
+                             "micro-batches hold train.micro_batch_size samples); leave it unset")
         if self.lora.enabled:
             if self.model_build.transformer_engine == "on":
                 raise ValueError("lora.rank > 0 needs the local layer spec (TE's fused layernorm-linear hides the "

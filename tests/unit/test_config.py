@@ -151,3 +151,13 @@ def test_broken_yaml_is_one_line_naming_file_and_line(tmp_path, text, pattern):
     with pytest.raises(ConfigError, match=pattern) as info:
         load_config(str(path))
     assert "\n" not in str(info.value)
+
+
+def test_token_budget_is_refused_for_grpo():
+    """GRPO's micro-batches are built per sample count: a token budget would be silently ignored."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.config_io import ConfigError
+
+    with pytest.raises(ConfigError, match="token-budget batching does not apply to loss.mode=grpo"):
+        load_config(None, ["--loss.mode", "grpo", "--rollout.samples_per_prompt", "4",
+                           "--train.max_tokens_per_micro_batch", "512"])
