@@ -150,9 +150,12 @@ def load_model(chunks: list[torch.nn.Module], directory: str | Path, *, prefix: 
 EXTRA_STATE = "_extra_state"
 
 
-def _is_extra_state(key) -> bool:
-    key = key[0] if isinstance(key, tuple) else key  # megatron reports (key, offsets, fragment) ids
-    return key.endswith(EXTRA_STATE)
+def _key_name(key) -> str:
+    return key[0] if isinstance(key, tuple) else key  # megatron reports (key, offsets, fragment) ids
+
+
+def is_extra_state(key) -> bool:
+    return _key_name(key).endswith(EXTRA_STATE)
 
 
 def load_sharded(sharded: dict, directory: str | Path, *, allow_unrequested: bool) -> dict:
@@ -169,19 +172,15 @@ def load_sharded(sharded: dict, directory: str | Path, *, allow_unrequested: boo
 
     state, stored_not_asked, asked_not_stored = _read(dist_checkpointing.load, sharded, directory,
                                                       strict=StrictHandling.RETURN_ALL)
-    absent = sorted({_key_name(k) for k in asked_not_stored if not _is_extra_state(k)})
+    absent = sorted({_key_name(k) for k in asked_not_stored if not is_extra_state(k)})
     if absent:
         raise CheckpointError(f"{directory}: the checkpoint lacks {len(absent)} tensor(s) this model needs, "
                               f"e.g. {absent[:4]}: is it a checkpoint of another model?")
-    extra = sorted({_key_name(k) for k in stored_not_asked if not _is_extra_state(k)})
+    extra = sorted({_key_name(k) for k in stored_not_asked if not is_extra_state(k)})
     if extra and not allow_unrequested:
         raise CheckpointError(f"{directory}: the checkpoint holds {len(extra)} tensor(s) this model does not "
                               f"have, e.g. {extra[:4]}: is it a checkpoint of another model?")
     return state
-
-
-def _key_name(key) -> str:
-    return key[0] if isinstance(key, tuple) else key
 
 
 def load_module_state(module: torch.nn.Module, state: dict, *, partial: bool = False) -> None:
@@ -325,8 +324,9 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
         loaded = load_sharded(state, path, allow_unrequested=True)
     except ValueError as exc:
         raise with_previous(path.parent, str(exc), path) from None
+    adapters_only = has_adapters(chunks)
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
-        load_module_state(_unwrap(chunk), loaded[key], partial=has_adapters(chunks))
+        load_module_state(_unwrap(chunk), loaded[key], partial=adapters_only)
     if optimizer is not None:
         _load_optimizer(optimizer, loaded["optimizer"])
     if teacher_chunks:

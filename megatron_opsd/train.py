@@ -441,9 +441,10 @@ class Trainer:
             from megatron.core import dist_checkpointing
 
             recorded = dist_checkpointing.load_common_state_dict(str(path))["common"].get("lora_base")
-            if recorded != self._lora_record()["lora_base"]:
+            current = self._lora_record()["lora_base"]
+            if recorded != current:
                 raise ConfigError(f"{path}: its LoRA adapters were trained on the base {recorded}, this run's is "
-                                  f"{self._lora_record()['lora_base']}: resume with the base they belong to")
+                                  f"{current}: resume with the base they belong to")
         common = ckpt.load_training(path, chunks=self.ddp, optimizer=self.optimizer, teacher_chunks=teacher,
                                     runtime=self.runtime)
         if self.teacher is not None:

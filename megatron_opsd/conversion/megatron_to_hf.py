@@ -228,7 +228,9 @@ def check_model_keys(megatron_dir, prefix: str, absent: set[str], not_requested:
     foreign = sorted(k for k in not_requested if k.startswith(prefix) and
                      k[len(prefix):].startswith(_MODEL_NAMESPACES) and not k.endswith("_extra_state"))
     # a TE-spec model asks for _extra_state (FP8 metadata) that local-spec checkpoints lack: optional
-    absent = {k for k in absent if not (k[0] if isinstance(k, tuple) else k).endswith("_extra_state")}
+    from megatron_opsd.checkpoint import is_extra_state
+
+    absent = {k for k in absent if not is_extra_state(k)}
     flags = torch.tensor([float(bool(absent))])
     if dist.is_initialized():  # "absent" may differ across ranks: every rank raises or none
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)

@@ -320,9 +320,7 @@ def adapter_items(chunks: list[torch.nn.Module]):
 @torch.no_grad()
 def load_peft_tensors(chunks: list[torch.nn.Module], tensors: dict[str, torch.Tensor], source: str) -> None:
     """Copy unsharded PEFT adapter tensors (``peft_key`` names) into this rank's adapters."""
-    expected = set()
     for key, lora, name in adapter_items(chunks):
-        expected.add(key)
         if key not in tensors:
             raise ValueError(f"{source}: no tensor {key!r} (the run's lora.targets need it)")
         local = getattr(lora, name)
