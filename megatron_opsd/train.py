@@ -39,6 +39,7 @@ from megatron_opsd.models.lora import attach_lora, load_peft_tensors, read_peft_
 from megatron_opsd.models.provider import build_model
 from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
 from megatron_opsd.opsd import NonFiniteError, check_teacher_isolated, train_step
+from megatron_opsd.opsd.diagnostics import leak_markers, leakage_rate, teacher_advantage
 from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, load_reward_function,
                                      policy_micro_batches, score)
 from megatron_opsd.parallel import init_parallel, shutdown
@@ -242,6 +243,7 @@ class Trainer:
         ctx = StepContext(runtime=self.runtime, loss=cfg.loss, temperature=self._loss_temperature(),
                           vocab_size=cfg.model.vocab_size, teacher=self.teacher, step=self.step + 1,
                           detailed_metrics=cfg.logging.detailed_metrics, token_budget=cfg.rollout.max_new_tokens)
+        diagnostics = self._diagnostics(ctx, prompts, rollout)                    # before the update
         for _ in range(cfg.train.updates_per_rollout):  # the old log-probs stay the rollout's
             metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
                                  clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
@@ -249,6 +251,7 @@ class Trainer:
                                dtype=torch.float64, device=self.runtime.device)
         dist.all_reduce(lengths, group=self.runtime.dp_group)
         metrics.update(reward_metrics)
+        metrics.update(diagnostics)
         metrics.update(response_length=(lengths[0] / lengths[1].clamp(min=1)).item(), rollout_s=rollout_s,
                        generated_tokens=int(lengths[2].item()),
                        step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
@@ -360,6 +363,26 @@ class Trainer:
                          "accuracy": hits / n, "advantage_mean": a_sum / n,
                          "advantage_std": max(a_sq / n - (a_sum / n) ** 2, 0.0) ** 0.5,
                          "zero_advantage_groups": int(flat), "groups": int(groups), "empty_responses": int(empty)}
+
+    def _diagnostics(self, ctx: StepContext, prompts, rollout) -> dict:
+        """The leakage rate of this step's responses and, every ``logging.teacher_advantage_every`` steps
+        with an OPSD-style teacher, its advantage on the step's reference solutions (opsd.diagnostics)."""
+        cfg, rt, tok = self.cfg, self.runtime, self.tokenizer
+        if cfg.loss.mode == "sft":  # the "responses" are the reference solutions
+            return {}
+        texts = [tok.decode(ids) for ids in rollout.response_ids]
+        out = {"leakage_rate": leakage_rate(texts, leak_markers(cfg.data.resolved_teacher_template),
+                                            group=rt.dp_group, device=rt.device)}
+        every = cfg.logging.teacher_advantage_every
+        if self.teacher is None or cfg.loss.mode == "grpo" or not every or (self.step + 1) % every:
+            return out
+        unique = list({index: ids for ids, index in prompts}.items())  # one per problem (n samples share it)
+        out.update(teacher_advantage(
+            ctx, self.ddp, [ids for _, ids in unique],
+            [solution_ids(tok, self.train_problems[index]) for index, _ in unique], stop_ids=tok.stop_ids,
+            max_seq_len=cfg.data.max_seq_len, micro_batches=lambda pairs: self._micro_batches(pairs, prompts),
+            pad_id=tok.pad_id))
+        return out
 
     def _rewards(self, problems, texts) -> list[float]:
         """The reward function on this rank's responses; if it fails on any rank, every rank stops
