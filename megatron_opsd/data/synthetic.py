@@ -206,7 +206,20 @@ def _gsm_garden(rng: random.Random, name: str) -> tuple[str, list[str], int]:
     return problem, steps, grown - given
 
 
-GSM_KINDS = (_gsm_shopping, _gsm_savings, _gsm_bakery, _gsm_trip, _gsm_teams, _gsm_garden)
+def _gsm_marbles(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    """The easiest kind (two small additions/subtractions), so that a small model gets some right."""
+    a, b = rng.randint(3, 20), rng.randint(2, 15)
+    lost = rng.randint(1, a + b - 1)
+    item = rng.choice(ITEMS)
+    friend = rng.choice([n for n in NAMES if n != name])
+    problem = (f"{name} has {a} {item}s. {friend} gives {name} {b} more {item}s. Then {name} loses {lost} "
+               f"{item}s. How many {item}s does {name} have now?")
+    steps = [f"After the gift, {name} has {a} + {b} = {a + b} {item}s.",
+             f"After losing {lost}, {name} has {a + b} - {lost} = {a + b - lost} {item}s."]
+    return problem, steps, a + b - lost
+
+
+GSM_KINDS = (_gsm_shopping, _gsm_savings, _gsm_bakery, _gsm_trip, _gsm_teams, _gsm_garden, _gsm_marbles)
 
 
 def generate_gsm(num: int, rng: random.Random, exclude: set[str]) -> list[dict[str, str]]:

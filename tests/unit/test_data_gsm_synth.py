@@ -32,6 +32,8 @@ KINDS = {
               lambda classes, per, absent, size: Fraction(classes * per - absent, size)),
     "garden": (r"plants (\d+) rows of \w+ plants with (\d+) plants in each row\. Each plant grows (\d+) \w+s\. "
                r"\w+ gives (\d+) \w+s to friends\.", lambda rows, per, each, given: rows * per * each - given),
+    "marbles": (r"has (\d+) \w+s\. \w+ gives \w+ (\d+) more \w+s\. Then \w+ loses (\d+) \w+s\.",
+                lambda a, b, lost: a + b - lost),
 }
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: Fraction(a, b)}
 
