@@ -269,7 +269,9 @@ def _load_optimizer(optimizer, state: dict, optimizer_format: str) -> None:
     ``load_state_dict`` adds ``step`` to every parameter state (distrib_optimizer.py:817-825);
     ``load_parameter_state_from_fully_reshardable`` hands ``_set_main_param_and_optimizer_states`` the
     loaded tensors without ``step`` (2100-2103) and that copies every key of the parameter's state
-    (936-940): KeyError 'step'. The step is set aside around that copy."""
+    (936-940): KeyError 'step'. The step is set aside around that copy. The dp_reshardable loader
+    (1772) copies into the fp32 main params without ``no_grad``: autograd refuses it (in-place on a
+    leaf that requires grad), so it runs under ``no_grad`` here."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     members = getattr(optimizer, "chained_optimizers", [optimizer])
@@ -290,10 +292,11 @@ def _load_optimizer(optimizer, state: dict, optimizer_format: str) -> None:
                          **({"grad_scaler": scaler} if scaler is not None else {})}
             opt.load_state_dict(opt_state)
             steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
-            if optimizer_format == "fully_reshardable":
-                opt.load_parameter_state_from_fully_reshardable(tensors["param_state"])
-            else:
-                opt.load_parameter_state_from_dp_reshardable(tensors["param_state"])
+            with torch.no_grad():  # megatron-core decorates only the fully_reshardable loader
+                if optimizer_format == "fully_reshardable":
+                    opt.load_parameter_state_from_fully_reshardable(tensors["param_state"])
+                else:
+                    opt.load_parameter_state_from_dp_reshardable(tensors["param_state"])
             for p, step in steps.items():
                 opt.optimizer.state[p]["step"] = step
     # The same load hands every parameter one shared ``step`` tensor, which torch Adam increments in

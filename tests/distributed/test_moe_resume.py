@@ -16,7 +16,8 @@ WORKER = Path(__file__).parent / "workers" / "moe_resume.py"
 def test_moe_resume_at_the_same_and_at_another_expert_parallel_size(tmp_path):
     out = run_torchrun(WORKER, 2, tmp_path)
     assert "moe_resume: all checks passed" in out, out[-5000:]
-    for what, steps in (("EP2 -> EP2", (2, 3)), ("EP2 -> EP1", (2, 3)), ("EP1 -> EP2", (3,))):
+    for what, steps in (("EP2 -> EP2", (2, 3)), ("EP2 -> EP2 dp_reshardable", (2, 3)), ("EP2 -> EP1", (2, 3)),
+                        ("EP1 -> EP2", (3,))):
         assert f"{what}: optimizer state of" in out, out[-5000:]
         for step in steps:
             assert f"{what:<26} step {step} loss=" in out, f"{what} step {step} did not run:\n{out[-5000:]}"

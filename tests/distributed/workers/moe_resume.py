@@ -5,10 +5,11 @@ usage: torchrun --nproc_per_node=2 moe_resume.py CKPT_ROOT
 Tiny Qwen3-MoE (4 experts, top-2, router_aux_loss_coef 0.01), OPSD steps with Adam at lr 1e-2 on fixed
 batches (one set per step), 2 processes:
   A. EP2 (dense DP2, expert-DP1: megatron-core chains a dense and an expert distributed optimizer):
-     3 uninterrupted steps, a training checkpoint after step 1.
+     3 uninterrupted steps, a training checkpoint after step 1 (in each optimizer format).
   B. EP2 resumed from it: every parameter's optimizer state (fp32 main value, exp_avg, exp_avg_sq,
      step), gathered unsharded under its global name, equals A's at the save; steps 2 and 3 give A's loss,
-     aux loss and grad norm (same layout: bit-identical expected, checked to 1e-5 relative).
+     aux loss and grad norm (same layout: bit-identical expected, checked to 1e-5 relative); the same
+     from the dp_reshardable checkpoint.
   C. EP1 (DP2: one distributed optimizer holds the experts too) resumed from the same checkpoint: the
      same optimizer state equality; steps 2 and 3 within 1e-5 of A; a checkpoint after step 2.
   D. EP2 resumed from C's EP1 checkpoint: the optimizer state equals C's at its save; step 3 within
@@ -91,8 +92,9 @@ def run(cfg, full, root: Path, *, ep: int, first: int, save_after: int | None = 
         batches = micro_batches(make_pairs(cfg.vocab_size, seed=step), runtime, 2)
         metrics[step] = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
         if step == save_after:
-            ckpt.save_training(root, step, chunks=ddp, optimizer=optimizer, teacher_chunks=None, runtime=runtime,
-                               model=cfg, common={}, keep_last=0)
+            for fmt in ckpt.OPTIMIZER_FORMATS:
+                ckpt.save_training(root / fmt, step, chunks=ddp, optimizer=optimizer, teacher_chunks=None,
+                                   runtime=runtime, model=cfg, common={}, keep_last=0, optimizer_format=fmt)
             saved = optimizer_state(chunks[0], optimizer, runtime)
     runtime.destroy()
     return metrics, loaded, saved
@@ -109,7 +111,8 @@ def same_state(what: str, got: dict, want: dict) -> None:
 def same_metrics(what: str, got: dict, want: dict) -> None:
     for step, m in got.items():
         for key in ("loss", "moe_aux_loss", "grad_norm"):
-            assert close(m[key], want[step][key]), f"{what} step {step}: {key} {m[key]} vs uninterrupted {want[step][key]}"
+            assert close(m[key], want[step][key]), \
+                f"{what} step {step}: {key} {m[key]} vs uninterrupted {want[step][key]}"
         rank_print(f"{what:<26} step {step} loss={m['loss']:.8f} aux={m['moe_aux_loss']:.8f} "
                    f"grad_norm={m['grad_norm']:.8f}: equals the uninterrupted run")
 
@@ -119,13 +122,17 @@ def main() -> None:
     cfg, full = setup()
     ref, _, at_save = run(cfg, full, root / "a", ep=2, first=1, save_after=1)
     assert ref[1]["moe_aux_loss"] > 0
-    got, loaded, _ = run(cfg, full, root / "b", ep=2, first=2, load=ckpt.step_dir(root / "a", 1))
+    saved_a = ckpt.step_dir(root / "a" / "fully_reshardable", 1)
+    got, loaded, _ = run(cfg, full, root / "b", ep=2, first=2, load=saved_a)
     same_state("EP2 -> EP2", loaded, at_save)
     same_metrics("EP2 -> EP2", got, ref)
-    got, loaded, at_ep1_save = run(cfg, full, root / "c", ep=1, first=2, save_after=2, load=ckpt.step_dir(root / "a", 1))
+    got, loaded, _ = run(cfg, full, root / "b", ep=2, first=2, load=ckpt.step_dir(root / "a" / "dp_reshardable", 1))
+    same_state("EP2 -> EP2 dp_reshardable", loaded, at_save)
+    same_metrics("EP2 -> EP2 dp_reshardable", got, ref)
+    got, loaded, at_ep1_save = run(cfg, full, root / "c", ep=1, first=2, save_after=2, load=saved_a)
     same_state("EP2 -> EP1", loaded, at_save)
     same_metrics("EP2 -> EP1", got, ref)
-    got, loaded, _ = run(cfg, full, root / "d", ep=2, first=3, load=ckpt.step_dir(root / "c", 2))
+    got, loaded, _ = run(cfg, full, root / "d", ep=2, first=3, load=ckpt.step_dir(root / "c" / "fully_reshardable", 2))
     same_state("EP1 -> EP2", loaded, at_ep1_save)
     same_metrics("EP1 -> EP2", got, ref)
     rank_print("moe_resume: all checks passed")
