@@ -226,8 +226,11 @@ def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: b
     if optimizer is not None:
         if is_loading:
             _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
-                                                          metadata={"distrib_optim_sharding_type": optimizer_format})
+        # chained_optim_avoid_prefix: a mixture of experts' chain (dense + expert optimizer) stores its
+        # tensors under the parameters' own keys, not ``chained_<i>.``: at EP1 the experts belong to the
+        # dense optimizer (there is no chain), so a prefixed key would not be found at another EP.
+        metadata = {"distrib_optim_sharding_type": optimizer_format, "chained_optim_avoid_prefix": True}
+        state["optimizer"] = optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=metadata)
     if teacher_chunks:
         state["teacher"] = {key: _unwrap(c).sharded_state_dict(prefix="teacher.")
                             for key, c in zip(_chunk_keys(len(teacher_chunks)), teacher_chunks)}
@@ -250,32 +253,78 @@ def _materialise_optimizer_state(optimizer) -> None:
             opt._init_optimizer_states_with_dummy_values()
 
 
-def _load_optimizer(optimizer, state: dict) -> None:
-    """``optimizer.load_state_dict`` with two work-arounds for megatron-core 0.16.1 with torch's Adam
-    (no Apex/TE). The distributed optimizer's ``load_state_dict`` adds ``step`` to every parameter
-    state and then ``load_parameter_state_from_fully_reshardable`` fails looking for ``step`` among
-    the loaded tensors (it skips ``step`` when saving): the step is set aside around that copy."""
+def _load_optimizer(optimizer, state: dict, optimizer_format: str) -> None:
+    """``optimizer.load_state_dict`` for this layout's optimizer, whatever layout saved ``state``.
+
+    A mixture of experts gets a chain of two optimizers (dense, expert parameters) at EP > 1 and a
+    single one at EP1 (megatron-core puts a parameter in the expert optimizer when its ``allreduce`` is
+    False: tensor_parallel/layers.py:886, set only with expert_model_parallel_size > 1; optimizer/
+    __init__.py:646-680). The saved state is one member's dict or one per member (keys 0, 1); its
+    tensors come back in this layout's structure (their keys do not depend on the chain, see
+    ``_training_state``), its param groups as saved, from the common state. Each member here gets the
+    saved param groups that match its own (megatron's identifier keys; ``is_expert_parallel`` follows
+    this layout) and is loaded as below.
+
+    Work-around for megatron-core 0.16.1 with torch's Adam (no Apex/TE): a distributed optimizer's
+    ``load_state_dict`` adds ``step`` to every parameter state (distrib_optimizer.py:817-825);
+    ``load_parameter_state_from_fully_reshardable`` hands ``_set_main_param_and_optimizer_states`` the
+    loaded tensors without ``step`` (2100-2103) and that copies every key of the parameter's state
+    (936-940): KeyError 'step'. The step is set aside around that copy. The dp_reshardable loader
+    (1772) copies into the fp32 main params without ``no_grad``: autograd refuses it (in-place on a
+    leaf that requires grad), so it runs under ``no_grad`` here."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    inner = getattr(optimizer, "chained_optimizers", [optimizer])
-    if len(inner) != 1 or not isinstance(inner[0], DistributedOptimizer) or \
-            state.get("param_state_sharding_type") != "fully_reshardable":
-        optimizer.load_state_dict(state)
+    members = getattr(optimizer, "chained_optimizers", [optimizer])
+    saved = [state] + [v for k, v in sorted(state.items(), key=lambda kv: str(kv[0])) if isinstance(k, int)]
+    saved_groups = [g for m in saved if "optimizer" in m for g in m["optimizer"]["param_groups"]]
+    loaded = [state] if len(members) == 1 else [state[i] for i in range(len(members))]
+    if not all(isinstance(m, DistributedOptimizer) for m in members):
+        try:
+            optimizer.load_state_dict(loaded[0] if len(members) == 1 else loaded)
+        except (KeyError, RuntimeError) as exc:
+            raise CheckpointError(f"the optimizer state does not fit this run's optimizer ({type(exc).__name__}: "
+                                  f"{exc}): without parallel.use_distributed_optimizer, resume a mixture of "
+                                  "experts at the expert-parallel size it was saved with") from exc
     else:
-        opt = inner[0]
-        param_state = state.pop("param_state")
-        state.pop("param_state_sharding_type")
-        opt.load_state_dict(state)
-        steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
-        opt.load_parameter_state_from_fully_reshardable(param_state)
-        for p, step in steps.items():
-            opt.optimizer.state[p]["step"] = step
+        scaler = next((m["grad_scaler"] for m in saved if "grad_scaler" in m), None)
+        for opt, tensors in zip(members, loaded):
+            opt_state = {"optimizer": {"param_groups": _matching_groups(opt, saved_groups)},
+                         **({"grad_scaler": scaler} if scaler is not None else {})}
+            opt.load_state_dict(opt_state)
+            steps = {p: st.pop("step") for p, st in opt.optimizer.state.items() if "step" in st}
+            with torch.no_grad():  # megatron-core decorates only the fully_reshardable loader
+                if optimizer_format == "fully_reshardable":
+                    opt.load_parameter_state_from_fully_reshardable(tensors["param_state"])
+                else:
+                    opt.load_parameter_state_from_dp_reshardable(tensors["param_state"])
+            for p, step in steps.items():
+                opt.optimizer.state[p]["step"] = step
     # The same load hands every parameter one shared ``step`` tensor, which torch Adam increments in
     # place once per parameter: bias correction would jump ahead after a resume. One tensor each.
-    for opt in inner:
+    for opt in members:
         for param_state in getattr(opt, "optimizer", opt).state.values():
             if torch.is_tensor(param_state.get("step")):
                 param_state["step"] = param_state["step"].clone()
+
+
+def _matching_groups(opt, saved_groups: list[dict]) -> list[dict]:
+    """For each param group of ``opt``: the saved group with the same megatron identifier keys (wd_mult,
+    lr_mult, is_decoupled_lr; ``is_expert_parallel`` too when one matches, else it is this layout's:
+    the experts' groups change sides between EP1 and EP > 1)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    def ident(group: dict, *, expert: bool) -> tuple:
+        return tuple(group.get(k) for k in param_group_identifier_keys if expert or k != "is_expert_parallel")
+
+    out = []
+    for group in opt.optimizer.param_groups:
+        match = next((g for g in saved_groups if ident(g, expert=True) == ident(group, expert=True)), None) or \
+            next((g for g in saved_groups if ident(g, expert=False) == ident(group, expert=False)), None)
+        if match is None:
+            raise CheckpointError(f"the checkpoint has no optimizer param group like this run's "
+                                  f"{dict(zip(param_group_identifier_keys, ident(group, expert=True)))}")
+        out.append({**match, "is_expert_parallel": group["is_expert_parallel"]})
+    return out
 
 
 def save_training(root: str | Path, step: int, *, chunks, optimizer, teacher_chunks, runtime, model: ModelConfig,
@@ -328,7 +377,7 @@ def load_training(path: str | Path, *, chunks, optimizer, teacher_chunks, runtim
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         load_module_state(_unwrap(chunk), loaded[key], partial=adapters_only)
     if optimizer is not None:
-        _load_optimizer(optimizer, loaded["optimizer"])
+        _load_optimizer(optimizer, loaded["optimizer"], common["optimizer_format"])
     if teacher_chunks:
         for key, chunk in zip(_chunk_keys(len(teacher_chunks)), teacher_chunks):
             load_module_state(_unwrap(chunk), {k.removeprefix("teacher."): v for k, v in loaded["teacher"][key].items()})

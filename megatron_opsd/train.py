@@ -128,10 +128,6 @@ def _resume_point(cfg: JobConfig) -> Path | None:
     if differences:
         raise ConfigError(f"{step / ckpt.MODEL_JSON} describes another model: {', '.join(differences[:3])}: "
                           "resume with the model it was trained with, or choose a new checkpoint.dir")
-    if saved.is_moe:  # megatron-core 0.16.1's chained (dense + expert) distributed optimizer state does not load
-        raise ConfigError(f"{step}: resuming a mixture-of-experts run is not supported yet (its expert optimizer "
-                          f"state does not load in megatron-core 0.16.1); start a new run from its weights: "
-                          f"--train.load {step} with another checkpoint.dir")
     return step
 
 

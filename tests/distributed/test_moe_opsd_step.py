@@ -26,8 +26,8 @@ def test_moe_opsd_step_aux_loss_and_expert_parallel_layouts(tmp_path):
 
 
 @pytest.mark.distributed
-def test_moe_opsd_step_matches_plain_pytorch_on_the_hf_model():
+def test_moe_opsd_sft_opd_steps_match_plain_pytorch_on_the_hf_model():
     out = run_torchrun(Path(__file__).parent / "workers" / "moe_opsd_hf_reference.py", 1)
     assert "moe_opsd_hf_reference: all checks passed" in out, out[-5000:]
-    for family in ("qwen3_moe", "qwen2_moe", "mixtral"):
+    for family in ("qwen3_moe", "qwen2_moe", "mixtral", "qwen3_moe sft", "qwen3_moe opd"):
         assert re.search(rf"{family} +loss=", out), out[-5000:]

@@ -49,16 +49,18 @@ def make_pairs(vocab: int):
     return pairs
 
 
-def reference(hf_model, pairs):
-    """Plain OPSD on the HF model: fp64, full vocabulary, teacher held constant."""
+def reference(hf_model, pairs, teacher_model=None):
+    """Plain OPSD on the HF model: fp64, full vocabulary, teacher held constant (``teacher_model``: OPD,
+    another model's logits on the teacher context)."""
     model = hf_model.double()
+    teacher_model = model if teacher_model is None else teacher_model.double()
     model.zero_grad()
     total, count, clipped_any = 0.0, 0, False
     for pair in pairs:
         r = len(pair.response_ids)
         s_logits = model(torch.tensor([pair.student_ids])).logits[0, pair.student_start:pair.student_start + r]
         with torch.no_grad():
-            t_logits = model(torch.tensor([pair.teacher_ids])).logits[0, pair.teacher_start:pair.teacher_start + r]
+            t_logits = teacher_model(torch.tensor([pair.teacher_ids])).logits[0, pair.teacher_start:pair.teacher_start + r]
         logp_s = torch.log_softmax(s_logits / TEMPERATURE, dim=-1)
         logp_t = torch.log_softmax(t_logits / TEMPERATURE, dim=-1)
         entries = logp_t.exp() * (logp_t - logp_s)
