@@ -13,7 +13,7 @@ from megatron_opsd.config import load_config
 from megatron_opsd.data.batch import collate_pairs
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.data.dataset import Problem
-from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, grpo_token_loss,
+from megatron_opsd.methods.grpo import (RewardError, answer_reward, group_advantages, grpo_token_loss,
                                      load_reward_function, policy_micro_batches, score)
 
 P = Problem(problem="1+1?", solution="2", answer="2", source="train.jsonl:7")

@@ -37,7 +37,7 @@ from megatron_opsd.models.hf_mapping import hf_to_unsharded  # noqa: E402
 from megatron_opsd.models.provider import build_model  # noqa: E402
 from megatron_opsd.models.sharding import load_unsharded  # noqa: E402
 from megatron_opsd.opsd import FrozenTeacher, LossConfig, StepContext, Teacher  # noqa: E402
-from megatron_opsd.opsd.grpo import group_advantages  # noqa: E402
+from megatron_opsd.methods.grpo import group_advantages  # noqa: E402
 from megatron_opsd.opsd.step import run_schedule, zero_grads  # noqa: E402
 from megatron_opsd.parallel import ParallelConfig, init_parallel  # noqa: E402
 from tests.hf_fixtures import build_hf_model  # noqa: E402
