@@ -10,8 +10,10 @@ and every token of response i carries A_i. With ``pi`` the policy's log-probabil
 token (temperature 1, full vocabulary: what ``Rollout.model_logprobs`` holds), ``old`` the rollout's
 own value of it, ``ratio = exp(pi - old)``:
 
-    loss_t = -min(ratio * A, clip(ratio, 1 - eps_clip, 1 + eps_clip) * A) + kl_coef * k3_t
-    k3_t   = exp(ref_t - pi_t) - (ref_t - pi_t) - 1        (ref: log-probability under theta_0)
+    loss_t = -min(ratio * A, clip(ratio, 1 - eps_clip, 1 + eps_clip) * A) + kl_coef * KL_t
+    KL_t   = exp(ref_t - pi_t) - (ref_t - pi_t) - 1        k3 (ref: log-probability under theta_0)
+           = sum_v p0_v (log p0_v - log pi_v)              forward_kl (exact, over the vocabulary)
+           = sum_v pi_v (log pi_v - log p0_v)              reverse_kl
 
 On the single update of an on-policy step ``ratio`` is 1 up to the rollout engine's rounding; with
 ``train.updates_per_rollout > 1`` the later updates reuse the same ``old`` and the clip acts.
@@ -35,7 +37,7 @@ from megatron_opsd.data.answers import answers_match, extract_answer
 from megatron_opsd.data.batch import OPSDMicroBatch, collate_pairs
 from megatron_opsd.data.contexts import OPSDPair, PromptIds, trim_at_stop
 from megatron_opsd.data.dataset import Problem
-from megatron_opsd.losses import vocab_parallel_token_logprobs
+from megatron_opsd.losses import vocab_parallel_divergence, vocab_parallel_token_logprobs
 from megatron_opsd.methods.base import Method, StepInputs, pair_micro_batches
 from megatron_opsd.methods.opsd import self_teacher
 
@@ -193,17 +195,22 @@ class GRPO(Method):
 
     def policy_loss(self, ctx, response_ids, student_logits, ref_logits, policy, stats) -> torch.Tensor:
         """The clipped token loss at temperature 1 (the rollout's ``model_logprobs`` are the old
-        log-probs), + kl_coef * k3 to ``ref_logits`` (theta_0) when given; the weighted sums of the
-        ratio-clip indicator and the KL go to ``stats``."""
+        log-probs), + kl_coef * the KL to ``ref_logits`` (theta_0) when given (``loss.kl_estimator``);
+        the weighted sums of the ratio-clip indicator and the KL go to ``stats``."""
         cfg = ctx.loss
         common = dict(vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group, chunk_size=cfg.chunk_size)
         logp = vocab_parallel_token_logprobs(student_logits, response_ids, **common)
         ref = None
-        if ref_logits is not None:
+        if ref_logits is not None and cfg.kl_estimator == "k3":
             with torch.no_grad():
                 ref = vocab_parallel_token_logprobs(ref_logits, response_ids, **common)
         loss, parts = grpo_token_loss(logp, policy.old_logprobs, policy.advantages, ref, clip_eps=cfg.ppo_clip,
                                       kl_coef=cfg.kl_coef)
+        if ref_logits is not None and cfg.kl_estimator != "k3":  # exact, over the vocabulary (theta_0 = "teacher")
+            kl = vocab_parallel_divergence(student_logits, ref_logits, divergence=cfg.kl_estimator, clip=None,
+                                           temperature=1.0, **common)
+            parts["kl"] = kl.detach()
+            loss = loss + cfg.kl_coef * kl
         if stats is not None:
             for key, value in parts.items():
                 stats[f"{key}_sum"] = stats.get(f"{key}_sum", 0.0) + (value * policy.weights).sum()
