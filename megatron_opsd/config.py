@@ -129,6 +129,14 @@ class LoggingConfig:
     progress_bar: bool = doc("A tqdm progress bar on rank 0.", default=True)
     detailed_metrics: bool = doc("Entropies, raw divergence and clip fraction (3 extra no-grad vocab "
                                  "passes per micro-batch).", default=True)
+    teacher_advantage_every: int = doc(
+        "Every N steps log the teacher's advantage: mean log-probability of the step's reference solutions "
+        "under the teacher context minus the student context (one extra forward-only pass; opsd, opd, "
+        "opsd+grpo). 0 = off. The leakage rate is logged every step.", default=1)
+
+    def __post_init__(self) -> None:
+        if self.teacher_advantage_every < 0:
+            raise ValueError("logging.teacher_advantage_every must be >= 0")
 
 
 @dataclass

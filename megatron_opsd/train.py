@@ -34,12 +34,14 @@ from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, ex
 from megatron_opsd.data import load_splits, load_tokenizer
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
 from megatron_opsd.methods import StepInputs, method_for, sample_prompts
+from megatron_opsd.methods.base import pair_micro_batches
 from megatron_opsd.methods.grpo import RewardError, load_reward_function
-from megatron_opsd.methods.sft import warm_up
+from megatron_opsd.methods.sft import solution_ids, warm_up
 from megatron_opsd.metrics_log import MetricsLogger, peak_memory_mib
 from megatron_opsd.models.lora import attach_lora, load_peft_tensors, read_peft_adapter
 from megatron_opsd.models.provider import build_model
 from megatron_opsd.opsd import NonFiniteError, StepContext, check_teacher_isolated, train_step
+from megatron_opsd.opsd.diagnostics import leak_markers, leakage_rate, teacher_advantage
 from megatron_opsd.parallel import init_parallel, shutdown
 from megatron_opsd.rollout import MegatronRolloutEngine
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
@@ -233,12 +235,13 @@ class Trainer:
                           vocab_size=cfg.model.vocab_size, teacher=self.teacher, step=self.step + 1,
                           detailed_metrics=cfg.logging.detailed_metrics, token_budget=cfg.rollout.max_new_tokens,
                           method=method)
+        diagnostics = self._diagnostics(ctx, inputs, prompts, rollout)           # before the update
         for _ in range(cfg.train.updates_per_rollout):  # the old log-probs stay the rollout's
             metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
                                  clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student, update
         metrics.update(method_metrics)
+        metrics.update(diagnostics)
         metrics.update(self._rollout_metrics(rollout, rollout_s, start))
-        metrics.update(method.extra_metrics(inputs, prompts, rollout, batches))  # per-step diagnostics
         return metrics
 
     def evaluate(self) -> dict:
@@ -295,6 +298,27 @@ class Trainer:
                     step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
                     dropped_pairs=stats.num_dropped_overlong + stats.num_dropped_long_prompt,
                     truncated_pairs=stats.num_truncated)
+
+    def _diagnostics(self, ctx: StepContext, inputs: StepInputs, prompts, rollout) -> dict:
+        """The leakage rate of this step's responses and, every ``logging.teacher_advantage_every`` steps
+        with an OPSD-style teacher, its advantage on the step's reference solutions (opsd.diagnostics)."""
+        cfg, rt, tok = self.cfg, self.runtime, self.tokenizer
+        if not self.method.generates:  # the "responses" are the reference solutions
+            return {}
+        texts = [tok.decode(ids) for ids in rollout.response_ids]
+        out = {"leakage_rate": leakage_rate(texts, leak_markers(cfg.data.resolved_teacher_template),
+                                            group=rt.dp_group, device=rt.device)}
+        every = cfg.logging.teacher_advantage_every
+        if self.teacher is None or not self.method.teacher_sees_solution or not every or (self.step + 1) % every:
+            return out
+        unique = list({index: ids for ids, index in prompts}.items())  # one per problem (n samples share it)
+        out.update(teacher_advantage(
+            ctx, self.ddp, [ids for _, ids in unique],
+            [solution_ids(tok, self.train_problems[index]) for index, _ in unique], stop_ids=tok.stop_ids,
+            max_seq_len=cfg.data.max_seq_len,
+            micro_batches=lambda pairs: pair_micro_batches(inputs, pairs, prompts, with_teacher=True),
+            pad_id=tok.pad_id))
+        return out
 
     def _sampling(self, *, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:
         r = self.cfg.rollout

@@ -1,4 +1,5 @@
-"""Render a run's metrics.jsonl to PNG: loss, divergence, clip fraction, accuracy, throughput.
+"""Render a run's metrics.jsonl to PNG: loss, divergence, clip fraction, accuracy, throughput, and the
+teacher-advantage and leakage diagnostics.
 
     python tools/plot_metrics.py runs/embedded/logs/metrics.jsonl --out runs/embedded/metrics.png
 """
@@ -12,7 +13,9 @@ from pathlib import Path
 
 PANELS = [("train", "loss", "loss"), ("train", "divergence", "divergence (unclipped)"),
           ("train", "clip_fraction", "clip fraction"), ("eval", "accuracy", "held-out accuracy"),
-          ("train", "response_length", "response length"), ("train", "tokens_per_s", "tokens/s (step)")]
+          ("train", "response_length", "response length"), ("train", "tokens_per_s", "tokens/s (step)"),
+          ("train", "teacher_advantage", "teacher advantage (nats/token)"),
+          ("train", "leakage_rate", "leakage rate")]
 
 
 def load(path: Path) -> list[dict]:
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib.pyplot as plt
 
     records = load(args.metrics)
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
     for ax, (kind, key, title) in zip(axes.flat, PANELS):
         points = [(r["step"], r[key]) for r in records if r.get("kind") == kind and key in r]
         if points:

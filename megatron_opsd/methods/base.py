@@ -7,7 +7,7 @@ A step of any method (``train.py``'s ``Trainer.train_one_step``; ``opsd/step.py`
             -> schedule: per micro-batch on the last stage
                    token_loss(ctx, ids, student_logits, teacher_logits, policy, stats)
                    normalizer(ctx, batch), detailed_metrics(ctx, mask, ...)
-            -> optimizer step -> extra_metrics(inputs, prompts, rollout, batches)
+            -> optimizer step
 
 ``make_teacher`` says which teacher pass the schedule runs (None: the student's context only).
 ``token_loss`` is called on materialised logits [B, R, V/TP] or, with ``loss.fused_projection``, on
@@ -69,7 +69,10 @@ class Method:
 
     name = ""
     generates = True
-    """False: the step's responses are not sampled (``generated_tokens`` is 0)."""
+    """False: the step's responses are not sampled (``generated_tokens`` is 0, no leakage rate)."""
+    teacher_sees_solution = False
+    """Whether the teacher pass is conditioned on the reference solution (the teacher-advantage
+    diagnostic measures what it gains from it)."""
 
     def __init__(self, loss: LossConfig):
         self.loss = loss
@@ -88,11 +91,6 @@ class Method:
                       ) -> tuple[list[OPSDMicroBatch], dict]:
         """This rank's micro-batches and the method's metrics of the step (the same on every rank)."""
         raise NotImplementedError
-
-    def extra_metrics(self, inputs: StepInputs, prompts: Prompts, rollout: Rollout,
-                      batches: list[OPSDMicroBatch]) -> dict:
-        """Per-step diagnostics, computed after the update and logged with the step (none by default)."""
-        return {}
 
     # ---- on the last pipeline stage, per micro-batch or projected chunk ------------------------------
     def token_loss(self, ctx: StepContext, response_ids: torch.Tensor, student_logits: torch.Tensor,

@@ -13,6 +13,7 @@ from megatron_opsd.opsd.teacher import AdapterTeacher, EMATeacher, FrozenTeacher
 
 class OPSD(Method):
     name = "opsd"
+    teacher_sees_solution = True
 
     def make_teacher(self, cfg, runtime, student_chunks, teacher_weights):
         return self_teacher(cfg, runtime, student_chunks)

@@ -14,6 +14,7 @@ class OPSDGRPO(GRPO):
     contexts, unchanged (no KL to theta_0: config refuses loss.kl_coef here)."""
 
     name = "opsd+grpo"
+    teacher_sees_solution = True
 
     def make_teacher(self, cfg, runtime, student_chunks, teacher_weights):
         return self_teacher(cfg, runtime, student_chunks)

@@ -47,6 +47,7 @@ import torch.distributed as dist
 
 from megatron_opsd.data.batch import OPSDMicroBatch, gather_response_positions, pad_to_lengths
 from megatron_opsd.engine import forward_backward
+from megatron_opsd.losses import vocab_parallel_token_logprobs
 from megatron_opsd.losses.projected import projected_token_loss
 from megatron_opsd.methods.base import Method, PolicyInputs
 from megatron_opsd.opsd.config import LossConfig
@@ -259,6 +260,9 @@ class StepContext:
     detailed_metrics: bool = True
     token_budget: int | None = None
     """loss.advantage=dr_grpo: the constant per-response length the token sum is divided by."""
+    logprob_metrics: bool = False
+    """Also sum the response tokens' log-probabilities (temperature 1) under student and teacher
+    (``opsd.diagnostics.teacher_advantage``)."""
     num_microbatches_seen: int = field(default=0)
     method: Method | None = None
     """The per-token loss, normaliser and metrics on the last stage; None: loss.mode's method."""
@@ -323,6 +327,8 @@ def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logit
     loss_sum = (per_token * mask).sum()
     detailed = (method.detailed_metrics(ctx, mask, student_logits, teacher_logits, per_token)
                 if ctx.detailed_metrics else {})
+    if ctx.logprob_metrics:
+        detailed.update(_logprob_sums(ctx, mask, batch.response_ids, student_logits, teacher_logits))
     return _loss_output(ctx, index, batch, loss_sum, {**detailed, **stats})
 
 
@@ -349,13 +355,17 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
         return ctx.method.token_loss(ctx, ids_n[chunk], s_cv, t_cv, policy, sums)
 
     def add_metrics(s_cv, t_cv, per_token_c, chunk):
-        for key, value in ctx.method.detailed_metrics(ctx, weights_n[chunk], s_cv, t_cv, per_token_c).items():
+        found = (ctx.method.detailed_metrics(ctx, weights_n[chunk], s_cv, t_cv, per_token_c)
+                 if ctx.detailed_metrics else {})
+        if ctx.logprob_metrics:
+            found.update(_logprob_sums(ctx, weights_n[chunk], ids_n[chunk], s_cv, t_cv))
+        for key, value in found.items():
             sums[key] = sums[key] + value if key in sums else value
 
     loss_sum, _ = projected_token_loss(
         hidden_s, student_weight, hidden_t, teacher_weight, token_loss,
         weights_n, chunk_tokens=ctx.loss.projection_chunk,
-        on_chunk=add_metrics if ctx.detailed_metrics else None)
+        on_chunk=add_metrics if ctx.detailed_metrics or ctx.logprob_metrics else None)
     return _loss_output(ctx, index, batch, loss_sum, sums)
 
 
@@ -370,6 +380,17 @@ def _loss_output(ctx: StepContext, index: int, batch: OPSDMicroBatch, loss_sum: 
         # Raised after the schedule on every rank (raising here would leave the other stages waiting).
         metrics["nonfinite_microbatch"] = index + 1
     return loss_sum, normalizer.to(torch.int), metrics
+
+
+@torch.no_grad()
+def _logprob_sums(ctx: StepContext, mask, response_ids, student_logits, teacher_logits) -> dict:
+    """Masked sums of the response tokens' log-probabilities at temperature 1, student and teacher."""
+    common = dict(vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group, chunk_size=ctx.loss.chunk_size)
+    out = {"student_logprob_sum": (vocab_parallel_token_logprobs(student_logits, response_ids, **common) * mask).sum()}
+    if teacher_logits is not None:
+        out["teacher_logprob_sum"] = (vocab_parallel_token_logprobs(teacher_logits, response_ids, **common)
+                                      * mask).sum()
+    return out
 
 
 def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_id: int) -> list[OPSDMicroBatch]:
@@ -456,7 +477,7 @@ def moe_aux_loss(runtime: ParallelRuntime, num_moe_layers: int, num_microbatches
 
 
 METRIC_KEYS = ("loss_sum", "tokens", "normalizer", "entropy_student_sum", "entropy_teacher_sum", "divergence_sum",
-               "clipped_tokens", "ratio_clipped_sum", "kl_sum")
+               "clipped_tokens", "ratio_clipped_sum", "kl_sum", "student_logprob_sum", "teacher_logprob_sum")
 
 
 def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
@@ -485,7 +506,8 @@ def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
     out = {"loss": sums[0].item() / max(sums[2].item(), 1.0), "response_tokens": int(sums[1].item())}
     names = {"entropy_student_sum": "entropy_student", "entropy_teacher_sum": "entropy_teacher",
              "divergence_sum": "divergence", "clipped_tokens": "clip_fraction",
-             "ratio_clipped_sum": "ratio_clip_fraction", "kl_sum": "kl"}
+             "ratio_clipped_sum": "ratio_clip_fraction", "kl_sum": "kl", "student_logprob_sum": "student_logprob",
+             "teacher_logprob_sum": "teacher_logprob"}
     for i, key in enumerate(METRIC_KEYS[3:], start=3):
         if present[i]:
             out[names[key]] = sums[i].item() / tokens

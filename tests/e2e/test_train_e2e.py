@@ -47,8 +47,10 @@ def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
     assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["accuracy"] <= 1 for e in evals)
     train_rec = next(r for r in records if r["kind"] == "train")
     for key in ("loss", "divergence", "clip_fraction", "entropy_student", "entropy_teacher", "response_tokens",
-                "tokens_per_s", "peak_memory_mib", "grad_norm", "response_length"):
+                "tokens_per_s", "peak_memory_mib", "grad_norm", "response_length", "teacher_advantage",
+                "teacher_logprob_ref", "student_logprob_ref", "leakage_rate"):
         assert key in train_rec, key
+    assert 0 <= train_rec["leakage_rate"] <= 1 and train_rec["teacher_logprob_ref"] < 0
     assert (full / "logs" / "tensorboard").is_dir()
     assert (full / "ckpt" / "latest").read_text().strip() == "step_0000004"
 
