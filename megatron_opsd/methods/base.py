@@ -52,7 +52,9 @@ class StepInputs:
     generate: Callable[[list[list[int]], list[SampleKey]], Rollout] | None = None
     """The student samples one response per prompt (the rollout engine with the run's sampling)."""
     samples_per_prompt: int = 1
+    """Responses per problem (a GRPO group; consecutive in ``prompts``)."""
     reward_fn: Callable | None = None
+    """GRPO modes: ``loss.reward`` resolved, ``f(problem, response_text) -> float``."""
 
 
 class PolicyInputs(NamedTuple):
