@@ -5,7 +5,6 @@ from __future__ import annotations
 import typing
 
 import pytest
-import torch
 
 from megatron_opsd.data import ContextBuilder
 from megatron_opsd.data.config import DataConfig
