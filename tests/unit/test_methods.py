@@ -9,7 +9,7 @@ import pytest
 from megatron_opsd.data import ContextBuilder
 from megatron_opsd.data.config import DataConfig
 from megatron_opsd.data.dataset import Problem
-from megatron_opsd.methods import METHODS, OPSD, SFT, StepInputs, method_for, sample_prompts
+from megatron_opsd.methods import METHODS, OPD, OPSD, SFT, StepInputs, method_for, sample_prompts
 from megatron_opsd.methods.grpo import GRPO
 from megatron_opsd.methods.opsd_grpo import OPSDGRPO
 from megatron_opsd.methods.sft import solution_ids
@@ -65,7 +65,7 @@ def test_sft_trains_on_the_solutions_and_the_warm_up_alternates_prompts(sp_token
             assert batch.response_ids[r][batch.loss_mask[r] > 0].tolist() == solution
 
 
-def test_grpo_contexts_are_the_students_and_opsd_grpo_keeps_the_teachers(sp_tokenizer, runtime):
+def test_teacher_contexts_grpo_and_opd_the_students_opsd_and_opsd_grpo_the_teachers(sp_tokenizer, runtime):
     data = inputs(sp_tokenizer, runtime, samples_per_prompt=2, reward_fn=lambda problem, text: float(len(text)))
     prompts, keys = sample_prompts(Sampler(), data.contexts, 0, 2)
     assert [k.sample_idx for k in keys] == [0, 1] * 4 and [i for _, i in prompts] == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -74,7 +74,8 @@ def test_grpo_contexts_are_the_students_and_opsd_grpo_keeps_the_teachers(sp_toke
     loss = dict(advantage="grpo")
     for method, teacher_side in ((GRPO(LossConfig(mode="grpo", **loss)), "student"),
                                  (OPSDGRPO(LossConfig(mode="opsd+grpo", **loss)), "teacher"),
-                                 (OPSD(LossConfig()), "teacher")):
+                                 (OPSD(LossConfig()), "teacher"),
+                                 (OPD(LossConfig(mode="opd", opd_teacher_load="x")), "student")):
         batches, metrics = method.micro_batches(data, prompts, rollout)
         row = 0
         for batch in batches:
