@@ -115,6 +115,133 @@ def make_splits(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], l
     return train, generate(num_eval, rng, exclude={row["problem"] for row in train})
 
 
+# ---- the GSM-style family: grade-school word problems of 2-4 steps (``--family gsm``) --------------
+# Real-tokenizer data (no tokenizer is trained for it): ``examples/data/gsm_synth`` holds the output of
+# ``python -m megatron_opsd.data.synthetic --family gsm --out examples/data/gsm_synth``.
+
+GSM_THINGS = ("notebook", "toy car", "puzzle", "board game", "lamp", "backpack")
+GSM_FOODS = ("cookies", "muffins", "cupcakes", "bagels")
+GSM_PLANTS = ("tomato", "pepper", "bean", "strawberry")
+
+
+def _gsm_shopping(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    n1, p1, n2, p2 = rng.randint(2, 6), rng.randint(2, 9), rng.randint(2, 5), rng.randint(3, 12)
+    a, b = n1 * p1, n2 * p2
+    bill = next(v for v in (20, 50, 100, 200) if v > a + b)
+    problem = (f"{name} buys {n1} pens that cost {p1} dollars each and {n2} books that cost {p2} dollars "
+               f"each. {name} pays with a {bill}-dollar bill. How much change does {name} get, in dollars?")
+    steps = [f"The pens cost {n1} * {p1} = {a} dollars.", f"The books cost {n2} * {p2} = {b} dollars.",
+             f"Together they cost {a} + {b} = {a + b} dollars.",
+             f"The change is {bill} - {a + b} = {bill - a - b} dollars."]
+    return problem, steps, bill - a - b
+
+
+def _gsm_savings(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    per_week, weeks = rng.randint(3, 20), rng.randint(2, 8)
+    saved = per_week * weeks
+    spent = rng.randint(1, saved - 1)
+    thing = rng.choice(GSM_THINGS)
+    problem = (f"{name} saves {per_week} dollars every week for {weeks} weeks. Then {name} spends {spent} "
+               f"dollars on a {thing}. How many dollars does {name} have left?")
+    steps = [f"{name} saves {per_week} * {weeks} = {saved} dollars.",
+             f"After buying the {thing}, {name} has {saved} - {spent} = {saved - spent} dollars left."]
+    return problem, steps, saved - spent
+
+
+def _gsm_bakery(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    boxes, per_box = rng.randint(2, 6), rng.randint(2, 8)
+    trays, per_tray = rng.randint(2, 6), rng.randint(6, 12)
+    total = trays * per_tray
+    if total <= boxes * per_box:
+        trays += boxes * per_box // per_tray
+        total = trays * per_tray
+    sold = total - boxes * per_box
+    food = rng.choice(GSM_FOODS)
+    problem = (f"{name} bakes {trays} trays of {food} with {per_tray} {food} on each tray. {name} sells "
+               f"{sold} {food} and packs the rest equally into {boxes} boxes. How many {food} are in each box?")
+    steps = [f"{name} bakes {trays} * {per_tray} = {total} {food}.",
+             f"After selling {sold}, {total} - {sold} = {total - sold} {food} are left.",
+             f"Each box gets {total - sold} / {boxes} = {per_box} {food}."]
+    return problem, steps, per_box
+
+
+def _gsm_trip(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    v1, h1, v2, h2 = rng.randint(20, 60), rng.randint(2, 4), rng.randint(20, 60), rng.randint(1, 3)
+    d1, d2 = v1 * h1, v2 * h2
+    problem = (f"{name} drives at {v1} miles per hour for {h1} hours, then at {v2} miles per hour for {h2} "
+               f"hours. How many miles does {name} drive in total?")
+    steps = [f"The first part is {v1} * {h1} = {d1} miles.", f"The second part is {v2} * {h2} = {d2} miles.",
+             f"In total {name} drives {d1} + {d2} = {d1 + d2} miles."]
+    return problem, steps, d1 + d2
+
+
+def _gsm_teams(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    size, teams = rng.randint(3, 6), rng.randint(3, 12)
+    classes, per_class = rng.randint(2, 5), rng.randint(15, 30)
+    total = classes * per_class
+    while total <= size * teams:
+        teams -= 1
+    absent = total - size * teams
+    problem = (f"A school has {classes} classes with {per_class} students in each class. Today {absent} "
+               f"students are absent. Coach {name} splits the students who are present into teams of {size}. "
+               f"How many teams are there?")
+    steps = [f"The school has {classes} * {per_class} = {total} students.",
+             f"Present today: {total} - {absent} = {total - absent} students.",
+             f"The number of teams is {total - absent} / {size} = {teams}."]
+    return problem, steps, teams
+
+
+def _gsm_garden(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    rows, per_row, each = rng.randint(2, 6), rng.randint(3, 9), rng.randint(2, 6)
+    plants = rows * per_row
+    grown = plants * each
+    given = rng.randint(1, grown - 1)
+    plant = rng.choice(GSM_PLANTS)
+    problem = (f"{name} plants {rows} rows of {plant} plants with {per_row} plants in each row. Each plant "
+               f"grows {each} {plant}s. {name} gives {given} {plant}s to friends. How many {plant}s does "
+               f"{name} keep?")
+    steps = [f"There are {rows} * {per_row} = {plants} plants.",
+             f"They grow {plants} * {each} = {grown} {plant}s.",
+             f"{name} keeps {grown} - {given} = {grown - given} {plant}s."]
+    return problem, steps, grown - given
+
+
+def _gsm_marbles(rng: random.Random, name: str) -> tuple[str, list[str], int]:
+    """The easiest kind (two small additions/subtractions), so that a small model gets some right."""
+    a, b = rng.randint(3, 20), rng.randint(2, 15)
+    lost = rng.randint(1, a + b - 1)
+    item = rng.choice(ITEMS)
+    friend = rng.choice([n for n in NAMES if n != name])
+    problem = (f"{name} has {a} {item}s. {friend} gives {name} {b} more {item}s. Then {name} loses {lost} "
+               f"{item}s. How many {item}s does {name} have now?")
+    steps = [f"After the gift, {name} has {a} + {b} = {a + b} {item}s.",
+             f"After losing {lost}, {name} has {a + b} - {lost} = {a + b - lost} {item}s."]
+    return problem, steps, a + b - lost
+
+
+GSM_KINDS = (_gsm_shopping, _gsm_savings, _gsm_bakery, _gsm_trip, _gsm_teams, _gsm_garden, _gsm_marbles)
+
+
+def generate_gsm(num: int, rng: random.Random, exclude: set[str]) -> list[dict[str, str]]:
+    """``num`` distinct GSM-style problems (none in ``exclude``), solutions ending in ``\\boxed{}``."""
+    rows: list[dict[str, str]] = []
+    seen = set(exclude)
+    while len(rows) < num:
+        problem, steps, answer = rng.choice(GSM_KINDS)(rng, rng.choice(NAMES))
+        if problem in seen:
+            continue
+        seen.add(problem)
+        solution = " ".join([*steps, f"The answer is \\boxed{{{answer}}}."])
+        rows.append({"problem": problem, "solution": solution, "answer": str(answer)})
+    return rows
+
+
+def make_gsm_splits(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+    rng = random.Random(seed)
+    train = generate_gsm(num_train, rng, exclude=set())
+    return train, generate_gsm(num_eval, rng, exclude={row["problem"] for row in train})
+
+
 def train_tokenizer(rows: list[dict[str, str]], vocab_size: int) -> bytes:
     """A sentencepiece model (bytes) trained on the problems, solutions and rendered prompts."""
     import sentencepiece as spm
@@ -141,14 +268,23 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--num-train", type=int, default=2000)
+    parser.add_argument("--num-train", type=int, default=None, help="default: 2000 (arith), 1000 (gsm)")
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=448,
                         help="pieces (with digits split this corpus supports at most ~460)")
+    parser.add_argument("--family", choices=("arith", "gsm"), default="arith",
+                        help="arith: the embedded default's data and tokenizer; gsm: grade-school word "
+                             "problems for real tokenizers (train/eval only; --num-train defaults to 1000)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    train, held_out = make_splits(args.num_train, args.num_eval, args.seed)
+    if args.family == "gsm":
+        train, held_out = make_gsm_splits(args.num_train or 1000, args.num_eval, args.seed)
+        write_jsonl(train, args.out / "train.jsonl")
+        write_jsonl(held_out, args.out / "eval.jsonl")
+        print(f"wrote {len(train)} train and {len(held_out)} eval GSM-style problems to {args.out}")
+        return
+    train, held_out = make_splits(args.num_train or 2000, args.num_eval, args.seed)
     write_jsonl(train, args.out / "train.jsonl")
     write_jsonl(held_out, args.out / "eval.jsonl")
     (args.out / "tokenizer.model").write_bytes(train_tokenizer(train, args.vocab_size))

@@ -31,3 +31,14 @@ def sp_tokenizer():
     from megatron_opsd.data.tokenizer import load_tokenizer
 
     return load_tokenizer(ARITH_DIR / "tokenizer.model")
+
+
+@pytest.fixture(scope="module")
+def runtime(request):
+    """A single-process parallel runtime (TP = PP = DP = 1) for one test module; a module may set
+    ``RUNTIME_SEED`` (default 0)."""
+    from megatron_opsd.parallel import ParallelConfig, init_parallel
+
+    rt = init_parallel(ParallelConfig(), seed=getattr(request.module, "RUNTIME_SEED", 0))
+    yield rt
+    rt.destroy()

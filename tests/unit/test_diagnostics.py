@@ -33,15 +33,6 @@ def test_leakage_counts_crafted_responses():
     assert not leaks("<</SOL>> 7", markers)
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import ParallelConfig, init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
-
-
 @pytest.mark.parametrize("fused", [True, False])
 def test_teacher_advantage_equals_hf_fp64(runtime, fused):
     """Student = one random HF Llama, teacher = another (a frozen teacher with other weights): the

@@ -39,13 +39,6 @@ def cuda_available(monkeypatch):
     return calls
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    rt = parallel.init_parallel(parallel.ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
-
-
 # ---- 1 and 10: process group backend, launcher environment --------------------------------------------
 def _init_with_mocked_group(monkeypatch, env: dict) -> dict:
     seen = {}

@@ -4,7 +4,6 @@ and the layout test)."""
 
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch
@@ -13,15 +12,6 @@ from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.lora import PROJECTIONS, LoRAConfig, peft_shapes, read_peft_adapter, write_peft_adapter
 
 peft = pytest.importorskip("peft")
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import ParallelConfig, init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -20,15 +20,6 @@ def moe_cfg(family: str, **overrides) -> ModelConfig:
     return ModelConfig.from_hf_dict(hf_config(family, **overrides).to_dict())
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
-
-
 # ---- description -------------------------------------------------------------------------------
 def test_hf_configs_read_as_moe():
     q3, q2, mx = (moe_cfg(f) for f in ("qwen3_moe", "qwen2_moe", "mixtral"))

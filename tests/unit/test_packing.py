@@ -15,15 +15,6 @@ from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.models.description import ModelConfig
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import ParallelConfig, init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
-
-
 def tiny():
     return ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)

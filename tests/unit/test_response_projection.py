@@ -5,19 +5,9 @@ from __future__ import annotations
 import gc
 import weakref
 
-import pytest
 import torch
 
 from megatron_opsd.models.description import ModelConfig
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import ParallelConfig, init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
 
 
 def tiny():

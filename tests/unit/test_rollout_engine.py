@@ -20,15 +20,7 @@ from tests.distributed.workers.rollout_common import (PROMPTS, hf_greedy, hf_mod
 
 LOGPROB_TOL = 1e-5
 PAPER = SamplingParams(temperature=1.1, top_p=0.95, top_k=20, max_new_tokens=12, seed=17)
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import ParallelConfig, init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=1)
-    yield rt
-    rt.destroy()
+RUNTIME_SEED = 1  # the conftest runtime's seed in this module
 
 
 @pytest.fixture(scope="module")
