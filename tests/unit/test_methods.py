@@ -20,15 +20,6 @@ PROBLEMS = [Problem(problem=f"{i}+{i}?", solution=f"{i}+{i}={2 * i}", answer=str
             for i in range(1, 5)]
 
 
-@pytest.fixture(scope="module")
-def runtime():
-    from megatron_opsd.parallel import ParallelConfig, init_parallel
-
-    rt = init_parallel(ParallelConfig(), seed=0)
-    yield rt
-    rt.destroy()
-
-
 def inputs(tokenizer, runtime, step=1, **kwargs) -> StepInputs:
     contexts = ContextBuilder(DataConfig(), tokenizer, PROBLEMS)
     return StepInputs(contexts, PROBLEMS, tokenizer, runtime, micro_batch_size=2, step=step, **kwargs)
