@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import typing
 
-import pytest
-
 from megatron_opsd.data import ContextBuilder
 from megatron_opsd.data.config import DataConfig
 from megatron_opsd.data.dataset import Problem
