@@ -131,8 +131,8 @@ class LoggingConfig:
                                  "passes per micro-batch).", default=True)
     teacher_advantage_every: int = doc(
         "Every N steps log the teacher's advantage: mean log-probability of the step's reference solutions "
-        "under the teacher context minus the student context (one extra forward-only pass; opsd, opd, "
-        "opsd+grpo). 0 = off. The leakage rate is logged every step.", default=1)
+        "under the teacher context minus the student context (one extra forward-only pass; opsd and "
+        "opsd+grpo, whose teacher sees the solution). 0 = off. The leakage rate is logged every step.", default=1)
 
     def __post_init__(self) -> None:
         if self.teacher_advantage_every < 0:

@@ -30,18 +30,18 @@ from megatron_opsd import lifetime
 from megatron_opsd.config import JobConfig, help_text, load_config
 from megatron_opsd.config_io import ConfigError, to_dict
 from megatron_opsd.conversion.files import DEFAULT_TOKENIZER_PATH, find_tokenizer_dir, model_tokenizer
-from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, collate_pairs, extract_answer
+from megatron_opsd.data import ContextBuilder, ProblemSampler, answers_match, extract_answer
 from megatron_opsd.data import load_splits, load_tokenizer
-from megatron_opsd.data.contexts import OPSDPair, PromptIds, build_pair
 from megatron_opsd.engine import build_optimizer, build_scheduler, wrap_ddp
+from megatron_opsd.methods import StepInputs, method_for, sample_prompts
+from megatron_opsd.methods.base import pair_micro_batches
+from megatron_opsd.methods.grpo import RewardError, load_reward_function
+from megatron_opsd.methods.sft import solution_ids, warm_up
 from megatron_opsd.metrics_log import MetricsLogger, peak_memory_mib
 from megatron_opsd.models.lora import attach_lora, load_peft_tensors, read_peft_adapter
 from megatron_opsd.models.provider import build_model
-from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
-from megatron_opsd.opsd import NonFiniteError, check_teacher_isolated, train_step
+from megatron_opsd.opsd import NonFiniteError, StepContext, check_teacher_isolated, train_step
 from megatron_opsd.opsd.diagnostics import leak_markers, leakage_rate, teacher_advantage
-from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, load_reward_function,
-                                     policy_micro_batches, score)
 from megatron_opsd.parallel import init_parallel, shutdown
 from megatron_opsd.rollout import MegatronRolloutEngine
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
@@ -154,6 +154,7 @@ class Trainer:
         self.tokenizer = plan.tokenizer
         self.train_problems, self.eval_problems = plan.train_problems, plan.eval_problems
         self.plan = plan
+        self.method = method_for(cfg.loss)
         self.contexts = ContextBuilder(cfg.data, self.tokenizer, self.train_problems)
         self.eval_contexts = ContextBuilder(cfg.data, self.tokenizer, self.eval_problems or self.train_problems)
 
@@ -174,7 +175,7 @@ class Trainer:
         self.ddp = wrap_ddp(self.chunks, rt)
         self.optimizer = build_optimizer(self.ddp, rt, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps * cfg.train.updates_per_rollout)
-        self.teacher = self._make_teacher()
+        self.teacher = self.method.make_teacher(cfg, rt, self.ddp, plan.teacher_weights)
         check_teacher_isolated(self.teacher, self.ddp)
         self.rollout = MegatronRolloutEngine(self.ddp, rt, vocab_size=cfg.model.vocab_size,
                                              pad_id=self.tokenizer.pad_id,
@@ -220,39 +221,23 @@ class Trainer:
         return results
 
     def train_one_step(self) -> dict:
-        cfg, start = self.cfg, time.perf_counter()
-        prompts, keys = self._sample_prompts()                                   # prompts
-        if cfg.loss.mode == "sft":  # the reference solutions take the samples' place: nothing is generated
-            rollout = Rollout(response_ids=[solution_ids(self.tokenizer, self.train_problems[i]) for _, i in prompts])
-            prompts = [(PromptIds(p.student, p.student), i) for p, i in prompts]
-            generated = 0
-        else:
-            rollout = self.rollout.generate([p.student for p, _ in prompts], self._sampling(),
-                                            keys)                                 # rollout
-            generated = sum(map(len, rollout.response_ids))
+        cfg, start, method = self.cfg, time.perf_counter(), self.method
+        inputs = self._step_inputs()
+        prompts, keys = sample_prompts(self.sampler, self.contexts, self.step, cfg.rollout.samples_per_prompt)
+        rollout = method.rollout(inputs, prompts, keys)                   # the responses (sft: the solutions)
         rollout_s = time.perf_counter() - start
-        if cfg.loss.policy_gradient:
-            batches, reward_metrics = self._policy_batches(prompts, rollout)     # rewards + contexts
-        else:
-            pairs = [self.contexts.build(p, ids) for (p, _), ids in zip(prompts, rollout.response_ids)]
-            batches, reward_metrics = self._micro_batches([p for p in pairs if p is not None], prompts), {}  # contexts
+        batches, method_metrics = method.micro_batches(inputs, prompts, rollout)  # contexts (+ rewards)
         ctx = StepContext(runtime=self.runtime, loss=cfg.loss, temperature=self._loss_temperature(),
                           vocab_size=cfg.model.vocab_size, teacher=self.teacher, step=self.step + 1,
-                          detailed_metrics=cfg.logging.detailed_metrics, token_budget=cfg.rollout.max_new_tokens)
-        diagnostics = self._diagnostics(ctx, prompts, rollout)                    # before the update
+                          detailed_metrics=cfg.logging.detailed_metrics, token_budget=cfg.rollout.max_new_tokens,
+                          method=method)
+        diagnostics = self._diagnostics(ctx, inputs, prompts, rollout)           # before the update
         for _ in range(cfg.train.updates_per_rollout):  # the old log-probs stay the rollout's
             metrics = train_step(ctx, self.ddp, self.optimizer, batches, pad_id=self.tokenizer.pad_id,
-                                 clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student
-        lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids), generated],
-                               dtype=torch.float64, device=self.runtime.device)
-        dist.all_reduce(lengths, group=self.runtime.dp_group)
-        metrics.update(reward_metrics)
+                                 clip_grad=cfg.optim.clip_grad, scheduler=self.scheduler)  # teacher+student, update
+        metrics.update(method_metrics)
         metrics.update(diagnostics)
-        metrics.update(response_length=(lengths[0] / lengths[1].clamp(min=1)).item(), rollout_s=rollout_s,
-                       generated_tokens=int(lengths[2].item()),
-                       step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
-                       dropped_pairs=self.contexts.stats.num_dropped_overlong + self.contexts.stats.num_dropped_long_prompt,
-                       truncated_pairs=self.contexts.stats.num_truncated)
+        metrics.update(self._rollout_metrics(rollout, rollout_s, start))
         return metrics
 
     def evaluate(self) -> dict:
@@ -291,111 +276,45 @@ class Trainer:
         return metrics
 
     # ---- phases' helpers ----------------------------------------------------------------------
-    def _sample_prompts(self):
-        samples = self.cfg.rollout.samples_per_prompt
-        prompts, keys = [], []
-        for index in self.sampler.next_batch():
-            ids = self.contexts.prompt_ids(index)
-            if ids is None:
-                continue
-            for s in range(samples):
-                prompts.append((ids, index))
-                keys.append(SampleKey(step=self.step, prompt_id=index, sample_idx=s))
-        return prompts, keys
+    def _step_inputs(self) -> StepInputs:
+        return StepInputs(self.contexts, self.train_problems, self.tokenizer, self.runtime,
+                          self.cfg.train.micro_batch_size, step=self.step + 1,
+                          token_budget=self.cfg.train.max_tokens_per_micro_batch,
+                          generate=lambda prompts, keys: self.rollout.generate(prompts, self._sampling(), keys),
+                          samples_per_prompt=self.cfg.rollout.samples_per_prompt, reward_fn=self.plan.reward_fn)
 
-    def _micro_batches(self, pairs: list[OPSDPair], prompts) -> list:
-        size = self.cfg.train.micro_batch_size
-        pad = self.tokenizer.pad_id
-        if not pairs:  # every pair dropped: one fully masked micro-batch keeps the schedule in step
-            ids = prompts[0][0] if prompts else None
-            stub = build_pair(ids.student, ids.teacher, [pad], stop_ids=set(), max_seq_len=10**9,
-                              overlong="drop")
-            batch = collate_pairs([stub], pad)
-            batch.loss_mask.zero_()
-            return [batch]
-        budget = self.cfg.train.max_tokens_per_micro_batch
-        if budget is not None:  # packed, by token count (loss and grads are normalised by global tokens)
-            from megatron_opsd.data.batch import token_budget_groups
+    def _rollout_metrics(self, rollout: Rollout, rollout_s: float, start: float) -> dict:
+        lengths = torch.tensor([sum(map(len, rollout.response_ids)), len(rollout.response_ids),
+                                sum(map(len, rollout.response_ids)) if self.method.generates else 0],
+                               dtype=torch.float64, device=self.runtime.device)
+        dist.all_reduce(lengths, group=self.runtime.dp_group)
+        stats = self.contexts.stats
+        return dict(response_length=(lengths[0] / lengths[1].clamp(min=1)).item(), rollout_s=rollout_s,
+                    generated_tokens=int(lengths[2].item()),
+                    step_s=time.perf_counter() - start, peak_memory_mib=peak_memory_mib(self.runtime.device),
+                    dropped_pairs=stats.num_dropped_overlong + stats.num_dropped_long_prompt,
+                    truncated_pairs=stats.num_truncated)
 
-            costs = [len(p.student_ids) + (len(p.teacher_ids) if self.teacher is not None else 0) for p in pairs]
-            return [collate_pairs([pairs[i] for i in group], pad, pack=True)
-                    for group in token_budget_groups(costs, budget)]
-        return [collate_pairs(pairs[i:i + size], pad) for i in range(0, len(pairs), size)]
-
-    def _policy_batches(self, prompts, rollout) -> tuple[list, dict]:
-        """GRPO: rewards, group advantages, and micro-batches carrying them with the rollout's own
-        log-probabilities. grpo's pairs put the student's prompt on both sides (the teacher pass, when
-        loss.kl_coef > 0, is theta_0 on the student's context); opsd+grpo's keep the OPSD teacher's.
-        Empty responses get their reward (for the group) but no pair."""
-        cfg, rt = self.cfg, self.runtime
-        problems = [self.train_problems[index] for _, index in prompts]
-        texts = [self.tokenizer.decode(ids) for ids in rollout.response_ids]
-        rewards = self._rewards(problems, texts)
-        advantages, flat_groups = group_advantages(rewards, cfg.rollout.samples_per_prompt,
-                                                   scale_by_std=cfg.loss.advantage == "grpo")
-
-        def build(row: int, response: list[int]):
-            ids = prompts[row][0]
-            return self.contexts.build(ids if cfg.loss.mode == "opsd+grpo" else PromptIds(ids.student, ids.student),
-                                       response)
-
-        batches, empty = policy_micro_batches(rollout.response_ids, advantages.tolist(), rollout.model_logprobs,
-                                              build, self.tokenizer.stop_ids,
-                                              micro_batch_size=cfg.train.micro_batch_size, pad_id=self.tokenizer.pad_id)
-        if not batches:
-            batches = [dataclasses.replace(b, advantages=torch.zeros_like(b.loss_mask),
-                                           old_logprobs=torch.zeros_like(b.loss_mask))
-                       for b in self._micro_batches([], prompts)]
-        correct = [answer_reward(p, t) for p, t in zip(problems, texts)]
-        adv = advantages.tolist()
-        sums = torch.tensor([len(rewards), sum(rewards), sum(r * r for r in rewards), sum(correct),
-                             sum(adv), sum(a * a for a in adv), flat_groups,
-                             len(rewards) // cfg.rollout.samples_per_prompt, empty],
-                            dtype=torch.float64, device=rt.device)
-        dist.all_reduce(sums, group=rt.dp_group)
-        n, r_sum, r_sq, hits, a_sum, a_sq, flat, groups, empty = sums.tolist()
-        n = max(n, 1.0)
-        return batches, {"reward_mean": r_sum / n, "reward_std": max(r_sq / n - (r_sum / n) ** 2, 0.0) ** 0.5,
-                         "accuracy": hits / n, "advantage_mean": a_sum / n,
-                         "advantage_std": max(a_sq / n - (a_sum / n) ** 2, 0.0) ** 0.5,
-                         "zero_advantage_groups": int(flat), "groups": int(groups), "empty_responses": int(empty)}
-
-    def _diagnostics(self, ctx: StepContext, prompts, rollout) -> dict:
+    def _diagnostics(self, ctx: StepContext, inputs: StepInputs, prompts, rollout) -> dict:
         """The leakage rate of this step's responses and, every ``logging.teacher_advantage_every`` steps
         with an OPSD-style teacher, its advantage on the step's reference solutions (opsd.diagnostics)."""
         cfg, rt, tok = self.cfg, self.runtime, self.tokenizer
-        if cfg.loss.mode == "sft":  # the "responses" are the reference solutions
+        if not self.method.generates:  # the "responses" are the reference solutions
             return {}
         texts = [tok.decode(ids) for ids in rollout.response_ids]
         out = {"leakage_rate": leakage_rate(texts, leak_markers(cfg.data.resolved_teacher_template),
                                             group=rt.dp_group, device=rt.device)}
         every = cfg.logging.teacher_advantage_every
-        if self.teacher is None or cfg.loss.mode == "grpo" or not every or (self.step + 1) % every:
+        if self.teacher is None or not self.method.teacher_sees_solution or not every or (self.step + 1) % every:
             return out
         unique = list({index: ids for ids, index in prompts}.items())  # one per problem (n samples share it)
         out.update(teacher_advantage(
             ctx, self.ddp, [ids for _, ids in unique],
             [solution_ids(tok, self.train_problems[index]) for index, _ in unique], stop_ids=tok.stop_ids,
-            max_seq_len=cfg.data.max_seq_len, micro_batches=lambda pairs: self._micro_batches(pairs, prompts),
+            max_seq_len=cfg.data.max_seq_len,
+            micro_batches=lambda pairs: pair_micro_batches(inputs, pairs, prompts, with_teacher=True),
             pad_id=tok.pad_id))
         return out
-
-    def _rewards(self, problems, texts) -> list[float]:
-        """The reward function on this rank's responses; if it fails on any rank, every rank stops
-        (RewardError: the failing rank's message names the problem)."""
-        error, rewards = None, []
-        try:
-            rewards = score(self.plan.reward_fn, problems, texts)
-        except RewardError as exc:
-            error = exc
-        flag = torch.tensor([float(error is not None)], device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if error is not None:
-            raise RewardError(f"step {self.step + 1}: {error}")
-        if flag.item():
-            raise RewardError(f"step {self.step + 1}: the reward function failed on another rank (its message names "
-                              "the problem)")
-        return rewards
 
     def _sampling(self, *, greedy: bool = False, max_new_tokens: int | None = None) -> SamplingParams:
         r = self.cfg.rollout
@@ -406,23 +325,6 @@ class Trainer:
     def _loss_temperature(self) -> float:
         return self.cfg.loss.temperature or self.cfg.rollout.temperature
 
-    def _make_teacher(self) -> Teacher | None:
-        loss, rt = self.cfg.loss, self.runtime
-        if loss.mode == "sft" or (loss.mode == "grpo" and not loss.kl_coef):
-            return None
-        if loss.mode == "opd":
-            teacher_chunks = build_model(ckpt.read_model_json(self.plan.teacher_weights), rt,
-                                         self.cfg.model_build)
-            ckpt.load_weights(teacher_chunks, self.plan.teacher_weights, "loss.opd_teacher_load", runtime=rt)
-            return FrozenTeacher(teacher_chunks)
-        if self.cfg.lora.enabled:  # the same weights, adapters switched: no copy of the base
-            return AdapterTeacher(self.ddp, loss.teacher, loss.ema_decay)
-        if loss.teacher == "live":
-            return Teacher(self.ddp)
-        if loss.teacher == "ema":
-            return EMATeacher.copy_of(self.ddp, self.cfg.model, rt, self.cfg.model_build, loss.ema_decay)
-        return FrozenTeacher.copy_of(self.ddp, self.cfg.model, rt, self.cfg.model_build)
-
     def _initial_weights(self) -> None:
         cfg = self.cfg
         if self.plan.weights is not None:
@@ -430,7 +332,7 @@ class Trainer:
         elif cfg.train.warmup_sft_steps:
             base = embedded_base_dir(cfg)
             if not (base / ckpt.MODEL_JSON).is_file():
-                sft_warmup(cfg, self, base)
+                warm_up(cfg, self.runtime, self.chunks, self.tokenizer, self.train_problems, base)
             ckpt.load_model(self.chunks, base)
 
     # ---- checkpoints and signals -----------------------------------------------------------------
@@ -512,51 +414,6 @@ def embedded_base_dir(cfg: JobConfig) -> Path:
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.checkpoint.dir).parent / f"base-sft-{digest}"
 
-
-def solution_ids(tokenizer, problem) -> list[int]:
-    """The reference solution as a response: its tokens and the end-of-turn id (SFT's target)."""
-    return tokenizer.encode(problem.solution) + [min(tokenizer.stop_ids - {tokenizer.eos_id}, default=tokenizer.eos_id)]
-
-
-def sft_warmup(cfg: JobConfig, trainer: Trainer, out: Path) -> None:
-    """Cross-entropy on the reference solutions for ``train.warmup_sft_steps`` steps; saves ``out``."""
-    from megatron_opsd.engine import OptimConfig
-
-    rt, tok = trainer.runtime, trainer.tokenizer
-    ddp = wrap_ddp(trainer.chunks, rt)
-    optim = OptimConfig(lr=cfg.train.warmup_lr, min_lr=cfg.train.warmup_lr / 10, clip_grad=1.0,
-                        warmup_steps=max(cfg.train.warmup_sft_steps // 10, 1))
-    optimizer = build_optimizer(ddp, rt, optim)
-    scheduler = build_scheduler(optimizer, optim, cfg.train.warmup_sft_steps)
-    sampler = ProblemSampler(len(trainer.train_problems), cfg.train.prompts_per_step, cfg.seed + 1,
-                             rank=rt.dp_rank, world_size=rt.dp)
-    ctx = StepContext(runtime=rt, loss=LossConfig(mode="sft"), temperature=1.0,
-                      vocab_size=cfg.model.vocab_size, teacher=None, detailed_metrics=False)
-    start = time.perf_counter()
-    for step in range(cfg.train.warmup_sft_steps):
-        pairs = []
-        for i, index in enumerate(sampler.next_batch()):
-            prompts = trainer.contexts.prompt_ids(index)
-            if prompts is None:
-                continue
-            response = solution_ids(tok, trainer.train_problems[index])
-            # Every other example uses the teacher's prompt: a tiny model must first learn to read a
-            # reference solution in its context, the capability OPSD's teacher relies on.
-            prompt = prompts.teacher if cfg.train.warmup_teacher_prompts and (step + i) % 2 else prompts.student
-            pair = build_pair(prompt, prompt, response, stop_ids={response[-1]},
-                              max_seq_len=cfg.data.max_seq_len, overlong="truncate_response")
-            if pair is not None:
-                pairs.append(pair)
-        size = cfg.train.micro_batch_size
-        batches = [collate_pairs(pairs[i:i + size], tok.pad_id) for i in range(0, len(pairs), size)]
-        ctx.step = step
-        metrics = train_step(ctx, ddp, optimizer, batches, pad_id=tok.pad_id, clip_grad=1.0, scheduler=scheduler)
-        if rt.rank == 0 and (step % 20 == 0 or step == cfg.train.warmup_sft_steps - 1):
-            print(f"[sft warm-up {step + 1}/{cfg.train.warmup_sft_steps}] loss={metrics['loss']:.4f} "
-                  f"({time.perf_counter() - start:.0f}s)", flush=True)
-    ckpt.save_model(ddp, cfg.model, out)
-    if rt.rank == 0:
-        print(f"[sft warm-up] base model cached at {out}", flush=True)
 
 
 # ---- entry point ----------------------------------------------------------------------------------

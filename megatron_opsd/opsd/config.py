@@ -54,8 +54,12 @@ class LossConfig:
         "grpo: (r - group mean) / group std, token-mean loss; dr_grpo (Dr.GRPO): r - group mean, token "
         "sum divided by responses * rollout.max_new_tokens.", default="grpo")
     ppo_clip: float = doc("grpo: the ratio is clipped to [1 - ppo_clip, 1 + ppo_clip].", default=0.2)
-    kl_coef: float = doc("grpo: weight of the k3 KL estimate to theta_0 (loss.teacher=initial; with LoRA "
-                         "the adapters-off model); 0 = no reference pass.", default=0.0)
+    kl_coef: float = doc("grpo: weight of the KL to theta_0 (loss.teacher=initial; with LoRA the adapters-off "
+                         "model); 0 = no reference pass.", default=0.0)
+    kl_estimator: Literal["k3", "forward_kl", "reverse_kl"] = doc(
+        "grpo, kl_coef > 0: k3 (exp(ref - pi) - (ref - pi) - 1 at the sampled token), or the exact KL over "
+        "the full vocabulary at temperature 1 (vocab-parallel kernels): forward_kl KL(theta_0 || pi), "
+        "reverse_kl KL(pi || theta_0).", default="k3")
     grpo_weight: float = doc("opsd+grpo: lambda, the GRPO term's weight.", default=1.0)
     divergence_weight: float = doc("opsd+grpo: the OPSD divergence's weight.", default=1.0)
 
@@ -72,6 +76,11 @@ class LossConfig:
         if self.mode == "opsd+grpo" and self.kl_coef:
             raise ValueError("loss.kl_coef > 0 with loss.mode=opsd+grpo is not supported: the teacher pass is "
                              "the OPSD teacher, not theta_0; set loss.kl_coef: 0")
+        if self.kl_estimator not in ("k3", "forward_kl", "reverse_kl"):
+            raise ValueError(f"loss.kl_estimator={self.kl_estimator!r}: use k3, forward_kl or reverse_kl")
+        if self.kl_estimator != "k3" and not (self.mode == "grpo" and self.kl_coef):
+            raise ValueError(f"loss.kl_estimator={self.kl_estimator} is the KL to theta_0 of loss.mode=grpo with "
+                             "loss.kl_coef > 0: set both, or leave kl_estimator: k3")
         if self.mode == "grpo" and self.kl_coef and self.teacher != "initial":
             raise ValueError(f"loss.kl_coef > 0 is a KL to theta_0: set loss.teacher=initial (not {self.teacher})")
         if not 0.0 <= self.beta <= 1.0:

@@ -16,8 +16,8 @@ states at those positions go to the loss, which projects student and teacher ont
 a chunk of tokens at a time and computes the student's gradient in the same pass
 (``losses.projected``), so no [R, V/TP] logits tensor exists at any time; the reference path
 materialises vocab-sharded logits [B, R, V/TP] for both (the teacher's live only inside their
-micro-batch's loss function). The loss is ``vocab_parallel_divergence`` (or a variant) summed over
-response tokens.
+micro-batch's loss function). The loss is the method's per-token loss (``methods/``, by ``loss.mode``;
+OPSD's: ``vocab_parallel_divergence`` or a variant) summed over response tokens.
 
 Normalisation: the loss is the mean over every response token of the step, across all micro-batches
 and data-parallel ranks. Each micro-batch's loss function returns (sum over its tokens, its token
@@ -47,16 +47,10 @@ import torch.distributed as dist
 
 from megatron_opsd.data.batch import OPSDMicroBatch, gather_response_positions, pad_to_lengths
 from megatron_opsd.engine import forward_backward
-from megatron_opsd.losses import (
-    sampled_token_advantage_loss,
-    vocab_parallel_divergence,
-    vocab_parallel_entropy,
-    vocab_parallel_token_logprobs,
-    vocab_parallel_topk_divergence,
-)
+from megatron_opsd.losses import vocab_parallel_token_logprobs
 from megatron_opsd.losses.projected import projected_token_loss
+from megatron_opsd.methods.base import Method, PolicyInputs
 from megatron_opsd.opsd.config import LossConfig
-from megatron_opsd.opsd.grpo import grpo_token_loss
 from megatron_opsd.opsd.teacher import Teacher, unwrap
 from megatron_opsd.parallel import ParallelRuntime
 
@@ -261,7 +255,7 @@ class StepContext:
     loss: LossConfig
     temperature: float
     vocab_size: int
-    teacher: Teacher | None  # None for sft
+    teacher: Teacher | None  # None: no teacher pass (sft, grpo without KL)
     step: int = 0
     detailed_metrics: bool = True
     token_budget: int | None = None
@@ -270,6 +264,14 @@ class StepContext:
     """Also sum the response tokens' log-probabilities (temperature 1) under student and teacher
     (``opsd.diagnostics.teacher_advantage``)."""
     num_microbatches_seen: int = field(default=0)
+    method: Method | None = None
+    """The per-token loss, normaliser and metrics on the last stage; None: loss.mode's method."""
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            from megatron_opsd.methods import method_for  # (the methods import this package)
+
+            self.method = method_for(self.loss)
 
 
 def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_iterator, model):
@@ -312,71 +314,19 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     return student_out, partial(loss_func, ctx, index, batch, teacher_out)
 
 
-def token_losses(ctx: StepContext, response_ids: torch.Tensor, student_logits: torch.Tensor,
-                 teacher_logits: torch.Tensor | None, policy: tuple | None = None,
-                 stats: dict | None = None) -> torch.Tensor:
-    """fp32 per-token loss [...] of the configured mode/divergence (differentiable in the student).
-
-    GRPO modes: ``policy`` = (advantages, old log-probs, token weights), each shaped like
-    ``response_ids``; the weighted sums of the GRPO statistics are added to ``stats``.
-    """
-    cfg, tp_group, vocab = ctx.loss, ctx.runtime.tp_group, ctx.vocab_size
-    if cfg.mode == "sft":
-        return -vocab_parallel_token_logprobs(student_logits, response_ids, vocab_size=vocab, tp_group=tp_group)
-    if cfg.policy_gradient:
-        return _policy_token_losses(ctx, response_ids, student_logits, teacher_logits, policy, stats)
-    return _divergence_losses(ctx, response_ids, student_logits, teacher_logits)
-
-
-def _policy_token_losses(ctx: StepContext, response_ids, student_logits, teacher_logits, policy, stats):
-    """GRPO's clipped token loss at temperature 1 (the rollout's ``model_logprobs`` are the old
-    log-probs); grpo: + the k3 KL to the teacher pass (theta_0 on the student's context);
-    opsd+grpo: divergence_weight * the OPSD divergence + grpo_weight * it."""
-    cfg = ctx.loss
-    advantages, old_logprobs, weights = policy
-    common = dict(vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group, chunk_size=cfg.chunk_size)
-    logp = vocab_parallel_token_logprobs(student_logits, response_ids, **common)
-    ref = None
-    if cfg.mode == "grpo" and teacher_logits is not None:
-        with torch.no_grad():
-            ref = vocab_parallel_token_logprobs(teacher_logits, response_ids, **common)
-    loss, parts = grpo_token_loss(logp, old_logprobs, advantages, ref, clip_eps=cfg.ppo_clip, kl_coef=cfg.kl_coef)
-    if stats is not None:
-        for key, value in parts.items():
-            stats[f"{key}_sum"] = stats.get(f"{key}_sum", 0.0) + (value * weights).sum()
-    if cfg.mode == "grpo":
-        return loss
-    divergence = _divergence_losses(ctx, response_ids, student_logits, teacher_logits)
-    return cfg.divergence_weight * divergence + cfg.grpo_weight * loss
-
-
-def _divergence_losses(ctx: StepContext, response_ids, student_logits, teacher_logits) -> torch.Tensor:
-    cfg = ctx.loss
-    common = dict(temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group)
-    if cfg.divergence == "sampled_token":
-        logp_s = vocab_parallel_token_logprobs(student_logits, response_ids, **common)
-        logp_t = vocab_parallel_token_logprobs(teacher_logits, response_ids, **common)
-        return sampled_token_advantage_loss(logp_s, logp_t)
-    if cfg.top_k is not None:
-        return vocab_parallel_topk_divergence(
-            student_logits, teacher_logits, k=cfg.top_k, tail=cfg.top_k_tail, divergence=cfg.divergence,
-            beta=cfg.beta, clip=cfg.clip, chunk_size=cfg.chunk_size, **common)
-    return vocab_parallel_divergence(student_logits, teacher_logits, divergence=cfg.divergence, beta=cfg.beta,
-                                     clip=cfg.clip, chunk_size=cfg.chunk_size, **common)
-
-
 def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logits: torch.Tensor | None,
               student_logits: torch.Tensor):
     """(sum of per-token losses, response-token count, metric sums) from materialised logits [B, R, V/TP].
 
     The reference path (``loss.fused_projection: false``); ``projected_loss_func`` is the default.
     """
-    mask = batch.loss_mask
+    mask, method = batch.loss_mask, ctx.method
     stats: dict = {}
-    per_token = token_losses(ctx, batch.response_ids, student_logits, teacher_logits,
-                             (batch.advantages, batch.old_logprobs, mask), stats)
+    policy = None if batch.advantages is None else PolicyInputs(batch.advantages, batch.old_logprobs, mask)
+    per_token = method.token_loss(ctx, batch.response_ids, student_logits, teacher_logits, policy, stats)
     loss_sum = (per_token * mask).sum()
-    detailed = _detailed_metrics(ctx, mask, student_logits, teacher_logits, per_token) if ctx.detailed_metrics else {}
+    detailed = (method.detailed_metrics(ctx, mask, student_logits, teacher_logits, per_token)
+                if ctx.detailed_metrics else {})
     if ctx.logprob_metrics:
         detailed.update(_logprob_sums(ctx, mask, batch.response_ids, student_logits, teacher_logits))
     return _loss_output(ctx, index, batch, loss_sum, {**detailed, **stats})
@@ -397,15 +347,16 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
     ids_n, weights_n = batch.response_ids.flatten()[rows], mask_n[rows]
     policy_n = None
     if batch.advantages is not None:
-        policy_n = (batch.advantages.flatten()[rows], batch.old_logprobs.flatten()[rows], weights_n)
+        policy_n = PolicyInputs(batch.advantages.flatten()[rows], batch.old_logprobs.flatten()[rows], weights_n)
     sums: dict[str, torch.Tensor] = {}
 
     def token_loss(s_cv, t_cv, chunk):
-        policy = None if policy_n is None else tuple(x[chunk] for x in policy_n)
-        return token_losses(ctx, ids_n[chunk], s_cv, t_cv, policy, sums)
+        policy = None if policy_n is None else PolicyInputs(*(x[chunk] for x in policy_n))
+        return ctx.method.token_loss(ctx, ids_n[chunk], s_cv, t_cv, policy, sums)
 
     def add_metrics(s_cv, t_cv, per_token_c, chunk):
-        found = _detailed_metrics(ctx, weights_n[chunk], s_cv, t_cv, per_token_c) if ctx.detailed_metrics else {}
+        found = (ctx.method.detailed_metrics(ctx, weights_n[chunk], s_cv, t_cv, per_token_c)
+                 if ctx.detailed_metrics else {})
         if ctx.logprob_metrics:
             found.update(_logprob_sums(ctx, weights_n[chunk], ids_n[chunk], s_cv, t_cv))
         for key, value in found.items():
@@ -419,39 +370,16 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
 
 
 def _loss_output(ctx: StepContext, index: int, batch: OPSDMicroBatch, loss_sum: torch.Tensor, detailed: dict):
-    """(loss sum, normaliser, metrics): the normaliser is the token count, or for Dr.GRPO the number
-    of responses times the token budget (megatron-core divides the gradients by its global sum)."""
+    """(loss sum, normaliser, metrics): the normaliser is the method's, the token count or for Dr.GRPO
+    the number of responses times the token budget (megatron-core divides the gradients by its global sum)."""
     num_tokens = batch.loss_mask.sum()
-    normalizer = num_tokens
-    if ctx.loss.policy_gradient and ctx.loss.advantage == "dr_grpo":
-        normalizer = (batch.loss_mask.sum(dim=1) > 0).sum() * ctx.token_budget
+    normalizer = ctx.method.normalizer(ctx, batch)
     metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach(), "normalizer": normalizer.detach(),
                **detailed}
     if not torch.isfinite(loss_sum):
         # Raised after the schedule on every rank (raising here would leave the other stages waiting).
         metrics["nonfinite_microbatch"] = index + 1
     return loss_sum, normalizer.to(torch.int), metrics
-
-
-@torch.no_grad()
-def _detailed_metrics(ctx: StepContext, mask, student_logits, teacher_logits, per_token) -> dict:
-    """Masked sums of entropies, the unclipped divergence and clipped tokens (any leading shape)."""
-    cfg = ctx.loss
-    common = dict(temperature=ctx.temperature, vocab_size=ctx.vocab_size, tp_group=ctx.runtime.tp_group,
-                  chunk_size=cfg.chunk_size)
-    out = {"entropy_student_sum": (vocab_parallel_entropy(student_logits, **common) * mask).sum()}
-    if teacher_logits is None or cfg.mode == "grpo":  # (grpo's teacher pass is theta_0: its KL is "kl")
-        return out
-    out["entropy_teacher_sum"] = (vocab_parallel_entropy(teacher_logits, **common) * mask).sum()
-    divergence = cfg.divergence if cfg.divergence != "sampled_token" else "forward_kl"
-    raw = vocab_parallel_divergence(student_logits.detach(), teacher_logits, divergence=divergence,
-                                    beta=cfg.beta, clip=None, **common)
-    out["divergence_sum"] = (raw * mask).sum()
-    if cfg.clip is not None and cfg.divergence != "sampled_token" and cfg.top_k is None and not cfg.policy_gradient:
-        # a token counts as clipped when capping its entries changed its divergence
-        clipped = (raw - per_token.detach()).abs() > 1e-6 * (1 + raw.abs())
-        out["clipped_tokens"] = (clipped.float() * mask).sum()
-    return out
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from megatron_opsd.config import load_config
 from megatron_opsd.data.batch import collate_pairs
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.data.dataset import Problem
-from megatron_opsd.opsd.grpo import (RewardError, answer_reward, group_advantages, grpo_token_loss,
+from megatron_opsd.methods.grpo import (RewardError, answer_reward, group_advantages, grpo_token_loss,
                                      load_reward_function, policy_micro_batches, score)
 
 P = Problem(problem="1+1?", solution="2", answer="2", source="train.jsonl:7")
@@ -114,3 +114,16 @@ def test_empty_responses_keep_their_reward_but_get_no_pair():
     assert batches[0].response_ids.tolist() == [[5, 6, stop], [stop, 0, 0]]
     assert batches[0].advantages[1, 0] == float(adv[2]) and batches[1].old_logprobs.tolist() == [[-4.0, -5.0]]
     assert policy_micro_batches([[]], [0.0], [[]], build, {stop}, micro_batch_size=2, pad_id=0) == ([], 1)
+
+
+def test_kl_estimator_refusals():
+    grpo = ["--loss.mode", "grpo", "--rollout.samples_per_prompt", "2"]
+    for estimator in ("forward_kl", "reverse_kl"):
+        assert load_config(None, [*grpo, "--loss.kl_coef", "0.1", "--loss.kl_estimator", estimator]).loss.kl_estimator \
+            == estimator
+        with pytest.raises(ValueError, match="kl_estimator.*kl_coef > 0"):  # no reference pass to compare with
+            load_config(None, [*grpo, "--loss.kl_estimator", estimator])
+        with pytest.raises(ValueError, match="kl_estimator"):
+            load_config(None, ["--loss.kl_estimator", estimator])  # opsd
+    with pytest.raises(ValueError, match="kl_estimator"):
+        load_config(None, [*grpo, "--loss.kl_coef", "0.1", "--loss.kl_estimator", "k2"])

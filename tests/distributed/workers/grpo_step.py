@@ -37,7 +37,7 @@ from megatron_opsd.models.hf_mapping import hf_to_unsharded  # noqa: E402
 from megatron_opsd.models.provider import build_model  # noqa: E402
 from megatron_opsd.models.sharding import load_unsharded  # noqa: E402
 from megatron_opsd.opsd import FrozenTeacher, LossConfig, StepContext, Teacher  # noqa: E402
-from megatron_opsd.opsd.grpo import group_advantages  # noqa: E402
+from megatron_opsd.methods.grpo import group_advantages  # noqa: E402
 from megatron_opsd.opsd.step import run_schedule, zero_grads  # noqa: E402
 from megatron_opsd.parallel import ParallelConfig, init_parallel  # noqa: E402
 from tests.hf_fixtures import build_hf_model  # noqa: E402
@@ -70,10 +70,15 @@ def samples(vocab: int):
     return out
 
 
-def hf_logprobs(model, prompt, response):
+def hf_log_softmax(model, prompt, response):
+    """[R, V]: the next-token log-probabilities at the response's positions (temperature 1)."""
     ids = torch.tensor([prompt + response])
     logits = model(ids).logits[0, len(prompt) - 1:len(prompt) - 1 + len(response)]
-    return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(response)[:, None])[:, 0]
+    return torch.log_softmax(logits, dim=-1)
+
+
+def hf_logprobs(model, prompt, response):
+    return hf_log_softmax(model, prompt, response).gather(1, torch.tensor(response)[:, None])[:, 0]
 
 
 def old_logprobs(student, triples):
@@ -84,8 +89,9 @@ def old_logprobs(student, triples):
                  * 0.8).tolist() for s, _, r in triples]
 
 
-def reference(student, theta0, triples, old, *, dr_grpo=False, kl=True):
-    """Plain GRPO on the HF model in fp64."""
+def reference(student, theta0, triples, old, *, dr_grpo=False, kl="k3"):
+    """Plain GRPO on the HF model in fp64; ``kl``: None, k3, or the exact forward_kl KL(theta_0 || pi) /
+    reverse_kl KL(pi || theta_0) summed over the vocabulary."""
     model = student.double()
     model.zero_grad()
     ref_model = theta0.double()
@@ -103,10 +109,19 @@ def reference(student, theta0, triples, old, *, dr_grpo=False, kl=True):
             bounded = ratio.clamp(1 - CLIP_EPS, 1 + CLIP_EPS)
             clipped += int(((bounded * adv) < (ratio * adv)).sum())
             loss = -torch.minimum(ratio * adv, bounded * adv)
-            if kl:
+            if kl == "k3":
                 with torch.no_grad():
                     ref = hf_logprobs(ref_model, s, r)
                 loss = loss + KL_COEF * (torch.exp(ref - logp) - (ref - logp) - 1)
+            elif kl is not None:
+                log_pi = hf_log_softmax(model, s, r)
+                with torch.no_grad():
+                    log_p0 = hf_log_softmax(ref_model, s, r)
+                if kl == "forward_kl":
+                    exact = (log_p0.exp() * (log_p0 - log_pi)).sum(-1)
+                else:
+                    exact = (log_pi.exp() * (log_pi - log_p0)).sum(-1)
+                loss = loss + KL_COEF * exact
             total = total + loss.sum()
             tokens += len(r)
     loss = total / (len(REWARDS) * BUDGET if dr_grpo else tokens)
@@ -157,7 +172,9 @@ def unsharded(model):
 
 def check_against_reference(cfg, full, full0, triples, old, refs, layout, kwargs):
     for name, loss_cfg in (("grpo kl", LossConfig(mode="grpo", kl_coef=KL_COEF, ppo_clip=CLIP_EPS)),
-                           ("dr_grpo", LossConfig(mode="grpo", advantage="dr_grpo", ppo_clip=CLIP_EPS))):
+                           ("dr_grpo", LossConfig(mode="grpo", advantage="dr_grpo", ppo_clip=CLIP_EPS)),
+                           *((f"grpo {e}", LossConfig(mode="grpo", kl_coef=KL_COEF, ppo_clip=CLIP_EPS, kl_estimator=e))
+                             for e in ("forward_kl", "reverse_kl"))):
         ref_loss, ref_grads, tp1_loss = refs[name]
         teacher = "theta0" if loss_cfg.kl_coef else None
         runtime, ddp, metrics = step(cfg, full, full0, triples, old, loss_cfg, teacher=teacher, **kwargs)
@@ -209,7 +226,8 @@ def main() -> None:
     triples = samples(cfg.vocab_size)
     old = old_logprobs(student, triples)
     refs = {}
-    for name, dr, kl in (("grpo kl", False, True), ("dr_grpo", True, False)):
+    for name, dr, kl in (("grpo kl", False, "k3"), ("dr_grpo", True, None), ("grpo forward_kl", False, "forward_kl"),
+                         ("grpo reverse_kl", False, "reverse_kl")):
         loss, grads_hf = reference(student, theta0, triples, old, dr_grpo=dr, kl=kl)
         refs[name] = (loss, dict(hf_to_unsharded(grads_hf.items(), cfg)), None)
     world = int(os.environ.get("WORLD_SIZE", "1"))
