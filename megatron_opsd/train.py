@@ -462,7 +462,11 @@ def main(argv: list[str] | None = None) -> int:
                  f"config ok: starts fresh (no checkpoint under {cfg.checkpoint.dir})")
             return 0
         trainer = Trainer(cfg, plan)
-        trainer.fit()
+        results = trainer.fit()
+        if "accuracy_after" in results:  # (not when stopped by a signal)
+            problems = len(trainer.eval_problems or trainer.train_problems)
+            trainer.log.message(accuracy_summary(cfg, results, trainer.step,
+                                                 min(cfg.train.eval_problems or problems, problems)))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _say(first_rank or dist.is_initialized(), f"megatron_opsd.train: error: {one_line(exc)}", sys.stderr)
         return 2
@@ -476,6 +480,22 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_initialized():
             shutdown()
     return 0
+
+
+def accuracy_summary(cfg: JobConfig, results: dict, step: int, problems: int) -> str:
+    """The run's closing lines: held-out accuracy before and after training (``fit``'s results) and the
+    files holding each evaluation's responses. A resumed run has no "before" (an earlier run made it)."""
+    logs, method, after = Path(cfg.logging.dir), cfg.loss.mode.upper(), results["accuracy_after"]
+    final = logs / f"eval_step_{step}.jsonl"
+    if "accuracy_before" in results:
+        before = results["accuracy_before"]
+        line = (f"held-out accuracy on {problems} problems: {before:.3f} before {method} -> {after:.3f} after "
+                f"{step} steps ({after - before:+.3f})")
+        files = f"{logs / 'eval_step_0.jsonl'} (before), {final} (after)"
+    else:
+        line, files = f"held-out accuracy on {problems} problems after {step} steps of {method}: {after:.3f}", str(final)
+    rule = "=" * len(line)
+    return f"{rule}\n{line}\nresponses: {files}\n{rule}"
 
 
 def one_line(exc: BaseException) -> str:

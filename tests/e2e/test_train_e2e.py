@@ -45,6 +45,11 @@ def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
     records = [json.loads(x) for x in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    # The closing lines say what the evaluations measured, and where their responses are.
+    before, after = (e["accuracy"] for e in evals)
+    assert (f"held-out accuracy on {evals[0]['problems']} problems: {before:.3f} before OPSD -> {after:.3f} "
+            f"after 4 steps ({after - before:+.3f})") in out, out[-3000:]
+    assert f"{full / 'logs' / 'eval_step_4.jsonl'} (after)" in out
     train_rec = next(r for r in records if r["kind"] == "train")
     for key in ("loss", "divergence", "clip_fraction", "entropy_student", "entropy_teacher", "response_tokens",
                 "tokens_per_s", "peak_memory_mib", "grad_norm", "response_length", "teacher_advantage",
@@ -61,6 +66,7 @@ def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
     # ... and resuming from it gives the uninterrupted run's losses for the remaining steps.
     out, run = train(tmp_path, 2, name="crash")
     assert "resumed from" in out and "step_0000001" in out, out[-3000:]
+    assert "held-out accuracy on" in out and "after 4 steps of OPSD:" in out, out[-3000:]  # no "before" of its own
     resumed = train_losses(run)
     for step in (2, 3, 4):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-9), (step, resumed, losses)
