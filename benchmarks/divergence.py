@@ -312,7 +312,7 @@ def main() -> None:
                       f"{ratio(unchunked, 'peak_extra')} | {ratio(unchunked, 'time_s')} | "
                       f"{ratio(unchunked, 'cpu_s')} |")
     print()
-    print(f"Targets: (a) peak <= 1/3 of (c) and <= 1/(3 TP) of (b); (a) time <= 1.0x (c).")
+    print("Targets: (a) peak <= 1/3 of (c) and <= 1/(3 TP) of (b); (a) time <= 1.0x (c).")
     print(f"Plain tensor copy, one thread: {bandwidth / 1e9:.1f} GB/s (read + write, warm, 512 MiB).")
     for tp in (1, 2):
         for num_tokens in token_counts:

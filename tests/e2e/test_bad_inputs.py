@@ -100,7 +100,7 @@ def test_run_outputs_pruning_eval_records_and_config(base):
 
 def _cases(base: dict, work: Path) -> list[dict]:
     """(name, argv, env, expected exit, the text the first stderr line must contain)."""
-    run, ckpt = base["run"], base["ckpt"]
+    ckpt = base["ckpt"]
     d = work / "inputs"
     d.mkdir()
 

@@ -21,7 +21,6 @@ import json
 import sys
 import tempfile
 
-import torch
 
 from common import rank_print
 from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp

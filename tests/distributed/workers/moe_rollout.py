@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import tempfile
 
-import torch
 
 from common import rank_print
 from rollout_common import PROMPTS, hf_greedy

@@ -28,7 +28,7 @@ from megatron_opsd.models.lora import LoRAConfig, attach_lora, load_peft_tensors
 from megatron_opsd.models.provider import ModelBuildConfig, build_model
 from megatron_opsd.models.sharding import load_unsharded
 from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossConfig, StepContext, Teacher
-from megatron_opsd.opsd.step import run_schedule, train_step
+from megatron_opsd.opsd.step import train_step
 from megatron_opsd.opsd.teacher import check_teacher_isolated
 from megatron_opsd.parallel import ParallelConfig, init_parallel
 
