@@ -16,7 +16,7 @@ from megatron_opsd.config_io import describe, doc, load
 from megatron_opsd.data.config import DataConfig
 from megatron_opsd.engine import OptimConfig
 from megatron_opsd.models.description import ModelConfig
-from megatron_opsd.models.lora import LoRAConfig
+from megatron_opsd.models.lora import LoRAConfig, check_lora_model
 from megatron_opsd.models.provider import ModelBuildConfig
 from megatron_opsd.opsd.config import LossConfig
 from megatron_opsd.parallel import ParallelConfig
@@ -188,6 +188,8 @@ class JobConfig:
         self.parallel.check_model(m.num_hidden_layers, m.num_attention_heads, m.num_key_value_heads,
                                   m.intermediate_size)
         self.model.check_sequence_length(self.data.max_seq_len)
+        if self.lora.enabled:
+            check_lora_model(self.model, self.lora)
         if m.is_moe:
             self.parallel.check_experts(m.num_experts, m.moe_intermediate_size)
             if self.parallel.tp > 1 and not self.parallel.sequence_parallel:

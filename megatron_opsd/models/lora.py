@@ -243,9 +243,21 @@ def peft_shapes(model, cfg: LoRAConfig) -> dict[str, tuple[int, int]]:
     return out
 
 
+def check_lora_model(model, cfg: LoRAConfig) -> None:
+    """Refuse what the adapters cannot express: MLP projections of a mixture-of-experts model (routed
+    experts and the shared expert have no adapters yet; attention adapters work)."""
+    mlp = [p for p in cfg.targets if p in ("gate_proj", "up_proj", "down_proj")]
+    if getattr(model, "is_moe", False) and mlp:
+        attention = [p for p in cfg.targets if p not in mlp] or ["q_proj", "k_proj", "v_proj", "o_proj"]
+        raise ValueError(f"lora.targets {mlp}: adapters on the MLP of a mixture-of-experts model "
+                         f"({model.model_type}: experts) are not supported; set lora.targets to attention "
+                         f"projections, e.g. [{', '.join(attention)}]")
+
+
 def attach_lora(chunks: list[torch.nn.Module], model, cfg: LoRAConfig, runtime, seed: int) -> None:
     """Freeze every base weight of ``chunks`` and give the targeted linears adapters (PEFT's init:
     A Kaiming-uniform, drawn whole from (seed, name) so every layout gets the same adapters; B zero)."""
+    check_lora_model(model, cfg)
     tp = runtime.tp
     if model.num_key_value_heads % tp:
         raise ValueError(f"lora: parallel.tp={tp} above num_key_value_heads={model.num_key_value_heads} is not "

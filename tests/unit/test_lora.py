@@ -203,3 +203,41 @@ def test_ema_teacher_averages_the_adapters_only(runtime):
         expected = chunks[0](tokens, torch.arange(6)[None], mask)
     torch.testing.assert_close(ema_logits, expected)
     assert (ema_logits - student_logits).abs().max() > 1e-4
+
+
+def test_lora_on_moe_attention_adapters_equal_peft_and_mlp_targets_are_refused(runtime, tmp_path):
+    """Mixture of experts: attention adapters give PEFT's logits on a Qwen3-MoE; MLP targets (experts)
+    are refused up front, naming the option, before any weight is frozen."""
+    from megatron_opsd.config import load_config
+    from megatron_opsd.models.hf_mapping import hf_to_unsharded
+    from megatron_opsd.models.lora import attach_lora, load_peft_tensors
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.models.sharding import load_unsharded
+    from tests.hf_fixtures import to_checkpoint_names
+
+    attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    model, directory = _peft_dir(tmp_path, family="qwen3_moe", target_modules=attention)
+    cfg = _model_cfg("qwen3_moe")
+    base = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+            for k, v in model.state_dict().items() if "lora_" not in k}
+    chunks = build_model(cfg, runtime)
+    load_unsharded(chunks, dict(hf_to_unsharded(to_checkpoint_names(base, "qwen3_moe").items(), cfg)), 0, 1,
+                   tied=cfg.tie_word_embeddings)
+    with pytest.raises(ValueError, match=r"lora.targets \['gate_proj', 'up_proj', 'down_proj'\].*mixture-of-experts"):
+        attach_lora(chunks, cfg, LoRAConfig(rank=4, alpha=8.0), runtime, seed=0)
+    assert all(p.requires_grad for p in chunks[0].parameters())  # refused before anything changed
+    with pytest.raises(ValueError, match="lora.targets"):  # and at start-up, from the config
+        load_config(None, ["--model.model_type", "qwen3_moe", "--model.num_experts", "4",
+                           "--model.moe_intermediate_size", "32", "--lora.rank", "4"])
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=attention)
+    attach_lora(chunks, cfg, lora, runtime, seed=0)
+    load_peft_tensors(chunks, read_peft_adapter(str(directory), cfg, lora), "adapter")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
+    mask = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)[None, None].expand(2, 1, 7, 7)
+    with torch.no_grad():
+        ours = chunks[0](tokens, torch.arange(7).expand(2, 7), mask)[..., :cfg.vocab_size]
+        reference = model(tokens).logits
+        with model.disable_adapter():
+            base_logits = model(tokens).logits
+    assert (reference - base_logits).abs().max() > 1e-2
+    torch.testing.assert_close(ours.float(), reference, atol=2e-5, rtol=1e-5)
