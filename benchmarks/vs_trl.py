@@ -55,6 +55,8 @@ GIB = 2 ** 30
 RESULT = "RESULT "
 SAMPLING = dict(temperature=1.1, top_p=0.95, top_k=20)
 LR, CLIP = 1e-5, 1.0
+QUICK = dict(vocab=2000, hidden=64, layers=2, ffn=176, prompt=16, teacher_extra=16, batch=4, response=16,
+             long_batch=2, long_responses="48,64", fit_responses="8,16", repeats=1, long_repeats=1)
 
 
 @dataclass(frozen=True)
@@ -101,12 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (model, checkpoints)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one timed step (smoke run)")
     p.add_argument("--child", help=argparse.SUPPRESS)
+    if p.parse_known_args(argv)[0].quick:  # tiny defaults; options given explicitly still win
+        p.set_defaults(**QUICK)
     args = p.parse_args(argv)
-    if args.quick:
-        args.vocab, args.hidden, args.layers, args.ffn = 2000, 64, 2, 176
-        args.prompt, args.teacher_extra, args.batch, args.response = 16, 16, 4, 16
-        args.long_batch, args.long_responses, args.fit_responses = 2, "48,64", "8,16"
-        args.repeats = args.long_repeats = 1
     try:
         args.long_responses = _lengths(args.long_responses)
         args.fit_responses = _lengths(args.fit_responses)

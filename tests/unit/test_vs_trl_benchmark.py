@@ -29,6 +29,8 @@ def test_defaults_are_the_issue_sizes_and_quick_shrinks_them():
     assert cases[-1].tokens == 8192 and cases[-1].name == "B=4, R=2048"
     quick = vs_trl.parse_args(["--quick"])
     assert quick.vocab < 10000 and quick.repeats == 1 and max(quick.long_responses) < 100
+    mixed = vs_trl.parse_args(["--quick", "--long-responses", "64", "--repeats", "2"])  # explicit options win
+    assert mixed.long_responses == [64] and mixed.repeats == 2 and mixed.vocab == quick.vocab
 
 
 @pytest.mark.parametrize("argv, message", [
