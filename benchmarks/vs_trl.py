@@ -22,8 +22,8 @@ weights on the teacher context), AdamW lr 1e-5, gradient clip 1.0.
         fp32, or bf16=True (CPU autocast over fp32 weights), TRL's own default precision.
 
 Each side and precision runs in a fresh process (its environment's python, OMP_NUM_THREADS=--threads),
-one warm-up step then ``--repeats`` timed steps; times are medians: step = rollout + train, rollout =
-generation alone. Peak = the child's max RSS. Our peak is split into the interpreter (RSS after the
+one warm-up step then ``--repeats`` timed steps (``--long-repeats`` at the B=4 cases); times are medians:
+step = rollout + train (TRL: its trainer's step, from step begin to step end), rollout = generation alone. Peak = the child's max RSS. Our peak is split into the interpreter (RSS after the
 imports), weights, fp32 gradient buffers, optimizer state (fp32 main weights where they are a copy, Adam's
 two moments) and the rest (activations, KV cache, allocator slack).
 
@@ -95,8 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fit-responses", default="128,256",
                    help="response lengths at --long-batch that TRL runs to fit its memory formula")
     p.add_argument("--precisions", default="fp32,best", help="fp32 and/or best (bf16 on both sides)")
-    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up, main and fit cases")
-    p.add_argument("--long-repeats", type=int, default=1, help="timed steps after the warm-up, long cases")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up, main case")
+    p.add_argument("--long-repeats", type=int, default=1, help="timed steps after the warm-up, fit and long cases")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--trl-budget-gib", type=float, default=None,
                    help="TRL runs a case only if its estimated peak fits (default: 90%% of MemAvailable)")
@@ -227,6 +227,13 @@ def target_lines(rows: list[dict]) -> list[str]:
         if row["role"] == "long" and ok and row["case"] == row.get("largest_case"):
             out.append(f"{row['case']}, ours {row['dtype']}: peak {ours['peak_gib']:.2f} GiB (target <= 5), "
                        f"step {ours['step_s']:.1f} s")
+    main = [r for r in rows if r["role"] == "main" and r["ours"] and r["trl"]
+            and "error" not in r["ours"] and "error" not in r["trl"]]
+    if len(main) == 2:  # TRL's bf16 (autocast) may be its slower precision on a CPU: compare with its better one
+        ours = main[-1]["ours"]
+        step, peak = min(r["trl"]["step_s"] for r in main), min(r["trl"]["peak_gib"] for r in main)
+        out.append(f"{main[-1]['case']}, ours {main[-1]['dtype']} vs TRL's faster and smaller precision: step "
+                   f"{ours['step_s'] / step:.2f}x, peak {ours['peak_gib'] / peak:.2f}x")
     return out
 
 
@@ -458,7 +465,7 @@ def main(argv=None) -> None:
         rows, points = [], {p: [] for p in args.precisions}
         largest = max((c for c in the_cases if c.role == "long"), key=lambda c: c.tokens, default=None)
         for case in the_cases:
-            steps = 1 + (args.long_repeats if case.role == "long" else args.repeats)
+            steps = 1 + (args.repeats if case.role == "main" else args.long_repeats)
             prompts = [(rng.sample(range(3, args.vocab), args.prompt),
                         rng.sample(range(3, args.vocab), args.teacher_extra)) for _ in range(steps * case.batch)]
             spec = {**base, "batch": case.batch, "response": case.response, "steps": steps, "prompts": prompts}
@@ -493,7 +500,7 @@ def main(argv=None) -> None:
           f"V={args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV, "
           f"ffn {args.ffn}; {args.prompt}-token prompts, teacher prompts +{args.teacher_extra}; R-token responses; "
           f"T=1.1 top-p 0.95 top-k 20; forward KL, live teacher; median of {args.repeats} steps "
-          f"({args.long_repeats} at the long cases) after a warm-up; load average "
+          f"({args.long_repeats} at B={args.long_batch}) after a warm-up; load average "
           f"{os.getloadavg()[0]:.1f} at the end, {(time.time() - started) / 60:.0f} min\n")
     print(format_table(rows))
     for precision, pts in points.items():

@@ -84,6 +84,11 @@ def test_table_shows_ratios_does_not_fit_and_failures():
     targets = vs_trl.target_lines(rows)
     assert targets == ["B=8, R=256, bf16 / bf16: step 0.25x TRL (target <= 0.25), peak 0.25x (target <= 0.2)",
                        "B=4, R=2048, ours fp32: peak 4.84 GiB (target <= 5), step 95.7 s"]
+    fp32_main = {**rows[0], "precision": "fp32 / fp32", "dtype": "fp32", "ours": _result(14.0, 7.0, 2.5),
+                 "trl": _result(28.0, 14.0, 9.0)}
+    targets = vs_trl.target_lines([fp32_main] + rows)
+    assert targets[-1] == ("B=8, R=256, ours bf16 vs TRL's faster and smaller precision: step 0.36x, "
+                           "peak 0.28x")  # 10 / min(28, 40), 2.5 / min(9, 10)
 
 
 def test_memory_table_lists_our_parts_and_skips_failed_runs():
