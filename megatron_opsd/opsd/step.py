@@ -397,7 +397,15 @@ def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_
     """Interleaved pipelines: every micro-batch of the step one length (fixed-shape messages), and their
     number a multiple of PP (megatron runs them in groups of PP; token-budget batching makes the
     number vary): fully masked copies fill it up. Sequence parallelism: each context's length a
-    multiple of TP (the embedding scatters it over TP ranks)."""
+    multiple of TP (the embedding scatters it over TP ranks). Expert parallelism: every rank of an
+    expert-parallel group runs as many forwards and backwards (each one's token all-to-all needs all of
+    them), so a data-parallel rank with fewer micro-batches (token budget, dropped pairs) gets fully
+    masked copies up to the most of any rank (their routed pad tokens reach the aux loss only)."""
+    if runtime.config.ep > 1:
+        most = torch.tensor([len(batches)], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(most, op=dist.ReduceOp.MAX, group=runtime.dp_group)
+        empty = replace(batches[-1], loss_mask=torch.zeros_like(batches[-1].loss_mask))
+        batches = batches + [empty] * (int(most.item()) - len(batches))
     multiple = runtime.tp if runtime.config.sequence_parallel else 1
 
     def rounded(n: int) -> int:

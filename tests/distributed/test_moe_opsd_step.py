@@ -1,5 +1,6 @@
 """The OPSD step on a mixture of experts: the student's load-balancing loss (the teacher part adds none)
-and layout invariance at EP2, EP4, EP2 x PP2, DP4 against the single-process run (workers/moe_opsd_step.py)."""
+and layout invariance at EP2, EP4, EP2 x PP2, DP4 against the single-process run, and EP2 with data-parallel
+ranks holding different numbers of micro-batches (workers/moe_opsd_step.py)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def test_moe_opsd_step_aux_loss_and_expert_parallel_layouts(tmp_path):
     assert "the teacher part adds nothing" in out and "router_aux_loss_coef=0: same loss" in out, out[-5000:]
     out = run_torchrun(WORKER, 4, ref)
     assert "moe_opsd_step: all checks passed" in out, out[-5000:]
-    for layout in ("EP2", "EP4", "EP2xPP2", "DP4", "EP2 frozen teacher"):
+    for layout in ("EP2", "EP4", "EP2xPP2", "DP4", "EP2 frozen teacher", "EP2 uneven"):
         assert f"{layout:<19} loss=" in out, f"{layout!r} did not run:\n{out[-5000:]}"
 
 
