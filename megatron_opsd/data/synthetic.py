@@ -95,24 +95,30 @@ def _word_problem(rng: random.Random) -> tuple[str, list[str], int]:
     return problem, steps, share - eaten
 
 
-def generate(num: int, rng: random.Random, exclude: set[str]) -> list[dict[str, str]]:
-    """``num`` distinct problems (none in ``exclude``) with worked solutions ending in ``\\boxed{}``."""
+def _arith_problem(rng: random.Random) -> tuple[str, list[str], int]:
+    return (_expression if rng.random() < 0.6 else _word_problem)(rng)
+
+
+def generate(num: int, rng: random.Random, exclude: set[str], family: str = "arith") -> list[dict[str, str]]:
+    """``num`` distinct problems of ``family`` (none in ``exclude``) with worked solutions ending in
+    ``\\boxed{}`` (arith: one step per line; gsm: the steps as one paragraph)."""
+    draw, separator = FAMILIES[family]
     rows: list[dict[str, str]] = []
     seen = set(exclude)
     while len(rows) < num:
-        problem, steps, answer = (_expression if rng.random() < 0.6 else _word_problem)(rng)
+        problem, steps, answer = draw(rng)
         if problem in seen:
             continue
         seen.add(problem)
-        solution = "\n".join([*steps, f"The answer is \\boxed{{{answer}}}."])
+        solution = separator.join([*steps, f"The answer is \\boxed{{{answer}}}."])
         rows.append({"problem": problem, "solution": solution, "answer": str(answer)})
     return rows
 
 
-def make_splits(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
+def make_splits(num_train: int, num_eval: int, seed: int, family: str = "arith") -> tuple[list[dict], list[dict]]:
     rng = random.Random(seed)
-    train = generate(num_train, rng, exclude=set())
-    return train, generate(num_eval, rng, exclude={row["problem"] for row in train})
+    train = generate(num_train, rng, exclude=set(), family=family)
+    return train, generate(num_eval, rng, exclude={row["problem"] for row in train}, family=family)
 
 
 # ---- the GSM-style family: grade-school word problems of 2-4 steps (``--family gsm``) --------------
@@ -222,24 +228,11 @@ def _gsm_marbles(rng: random.Random, name: str) -> tuple[str, list[str], int]:
 GSM_KINDS = (_gsm_shopping, _gsm_savings, _gsm_bakery, _gsm_trip, _gsm_teams, _gsm_garden, _gsm_marbles)
 
 
-def generate_gsm(num: int, rng: random.Random, exclude: set[str]) -> list[dict[str, str]]:
-    """``num`` distinct GSM-style problems (none in ``exclude``), solutions ending in ``\\boxed{}``."""
-    rows: list[dict[str, str]] = []
-    seen = set(exclude)
-    while len(rows) < num:
-        problem, steps, answer = rng.choice(GSM_KINDS)(rng, rng.choice(NAMES))
-        if problem in seen:
-            continue
-        seen.add(problem)
-        solution = " ".join([*steps, f"The answer is \\boxed{{{answer}}}."])
-        rows.append({"problem": problem, "solution": solution, "answer": str(answer)})
-    return rows
+def _gsm_problem(rng: random.Random) -> tuple[str, list[str], int]:
+    return rng.choice(GSM_KINDS)(rng, rng.choice(NAMES))
 
 
-def make_gsm_splits(num_train: int, num_eval: int, seed: int) -> tuple[list[dict], list[dict]]:
-    rng = random.Random(seed)
-    train = generate_gsm(num_train, rng, exclude=set())
-    return train, generate_gsm(num_eval, rng, exclude={row["problem"] for row in train})
+FAMILIES = {"arith": (_arith_problem, "\n"), "gsm": (_gsm_problem, " ")}
 
 
 def train_tokenizer(rows: list[dict[str, str]], vocab_size: int) -> bytes:
@@ -279,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.family == "gsm":
-        train, held_out = make_gsm_splits(args.num_train or 1000, args.num_eval, args.seed)
+        train, held_out = make_splits(args.num_train or 1000, args.num_eval, args.seed, family="gsm")
         write_jsonl(train, args.out / "train.jsonl")
         write_jsonl(held_out, args.out / "eval.jsonl")
         print(f"wrote {len(train)} train and {len(held_out)} eval GSM-style problems to {args.out}")

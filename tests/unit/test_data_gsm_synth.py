@@ -47,9 +47,9 @@ def solve(problem: str) -> tuple[str, Fraction]:
 
 
 def test_generation_is_deterministic_and_splits_are_disjoint():
-    train, held_out = synthetic.make_gsm_splits(300, 60, seed=3)
-    assert (train, held_out) == synthetic.make_gsm_splits(300, 60, seed=3)
-    assert train != synthetic.make_gsm_splits(300, 60, seed=4)[0]
+    train, held_out = synthetic.make_splits(300, 60, seed=3, family="gsm")
+    assert (train, held_out) == synthetic.make_splits(300, 60, seed=3, family="gsm")
+    assert train != synthetic.make_splits(300, 60, seed=4, family="gsm")[0]
     problems = [row["problem"] for row in train + held_out]
     assert len(set(problems)) == len(problems) == 360
 
