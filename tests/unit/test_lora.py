@@ -84,25 +84,23 @@ def test_not_an_adapter_directory(tmp_path):
         read_peft_adapter(str(tmp_path), _model_cfg(), LoRAConfig(rank=4))
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_adapters_forward_equals_peft(runtime, tmp_path, family):
-    """Our adapters on megatron's fused qkv / gate-up layers give PEFT's logits (targets: a subset, so the
-    untargeted parts of the fused layers are exercised too)."""
+def _base_chunks(model, cfg, runtime) -> list:
+    """megatron chunks holding the base weights of the PEFT-wrapped HF ``model``."""
     from megatron_opsd.models.hf_mapping import hf_to_unsharded
-    from megatron_opsd.models.lora import attach_lora, load_peft_tensors
     from megatron_opsd.models.provider import build_model
     from megatron_opsd.models.sharding import load_unsharded
+    from tests.hf_fixtures import to_checkpoint_names
 
-    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
-    model, directory = _peft_dir(tmp_path, family=family, target_modules=targets)
-    cfg = _model_cfg(family)
     base = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
             for k, v in model.state_dict().items() if "lora_" not in k}
     chunks = build_model(cfg, runtime)
-    load_unsharded(chunks, dict(hf_to_unsharded(base.items(), cfg)), 0, 1, tied=cfg.tie_word_embeddings)
-    lora = LoRAConfig(rank=4, alpha=8.0, targets=targets)
-    attach_lora(chunks, cfg, lora, runtime, seed=0)
-    load_peft_tensors(chunks, read_peft_adapter(str(directory), cfg, lora), "adapter")
+    load_unsharded(chunks, dict(hf_to_unsharded(to_checkpoint_names(base, cfg.model_type).items(), cfg)), 0, 1,
+                   tied=cfg.tie_word_embeddings)
+    return chunks
+
+
+def _logits(chunks, model, cfg):
+    """Ours, PEFT's and PEFT's with the adapters off, on the same random tokens."""
     tokens = torch.randint(0, cfg.vocab_size, (2, 7))
     mask = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)[None, None].expand(2, 1, 7, 7)
     with torch.no_grad():
@@ -110,6 +108,23 @@ def test_adapters_forward_equals_peft(runtime, tmp_path, family):
         reference = model(tokens).logits
         with model.disable_adapter():
             base_logits = model(tokens).logits
+    return ours, reference, base_logits
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_adapters_forward_equals_peft(runtime, tmp_path, family):
+    """Our adapters on megatron's fused qkv / gate-up layers give PEFT's logits (targets: a subset, so the
+    untargeted parts of the fused layers are exercised too)."""
+    from megatron_opsd.models.lora import attach_lora, load_peft_tensors
+
+    targets = ["q_proj", "v_proj", "up_proj", "down_proj"]
+    model, directory = _peft_dir(tmp_path, family=family, target_modules=targets)
+    cfg = _model_cfg(family)
+    chunks = _base_chunks(model, cfg, runtime)
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=targets)
+    attach_lora(chunks, cfg, lora, runtime, seed=0)
+    load_peft_tensors(chunks, read_peft_adapter(str(directory), cfg, lora), "adapter")
+    ours, reference, base_logits = _logits(chunks, model, cfg)
     assert (reference - base_logits).abs().max() > 1e-2  # the adapters matter
     torch.testing.assert_close(ours.float(), reference, atol=2e-5, rtol=1e-5)
 
@@ -209,20 +224,12 @@ def test_lora_on_moe_attention_adapters_equal_peft_and_mlp_targets_are_refused(r
     """Mixture of experts: attention adapters give PEFT's logits on a Qwen3-MoE; MLP targets (experts)
     are refused up front, naming the option, before any weight is frozen."""
     from megatron_opsd.config import load_config
-    from megatron_opsd.models.hf_mapping import hf_to_unsharded
     from megatron_opsd.models.lora import attach_lora, load_peft_tensors
-    from megatron_opsd.models.provider import build_model
-    from megatron_opsd.models.sharding import load_unsharded
-    from tests.hf_fixtures import to_checkpoint_names
 
     attention = ["q_proj", "k_proj", "v_proj", "o_proj"]
     model, directory = _peft_dir(tmp_path, family="qwen3_moe", target_modules=attention)
     cfg = _model_cfg("qwen3_moe")
-    base = {k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
-            for k, v in model.state_dict().items() if "lora_" not in k}
-    chunks = build_model(cfg, runtime)
-    load_unsharded(chunks, dict(hf_to_unsharded(to_checkpoint_names(base, "qwen3_moe").items(), cfg)), 0, 1,
-                   tied=cfg.tie_word_embeddings)
+    chunks = _base_chunks(model, cfg, runtime)
     with pytest.raises(ValueError, match=r"lora.targets \['gate_proj', 'up_proj', 'down_proj'\].*mixture-of-experts"):
         attach_lora(chunks, cfg, LoRAConfig(rank=4, alpha=8.0), runtime, seed=0)
     assert all(p.requires_grad for p in chunks[0].parameters())  # refused before anything changed
@@ -232,12 +239,6 @@ def test_lora_on_moe_attention_adapters_equal_peft_and_mlp_targets_are_refused(r
     lora = LoRAConfig(rank=4, alpha=8.0, targets=attention)
     attach_lora(chunks, cfg, lora, runtime, seed=0)
     load_peft_tensors(chunks, read_peft_adapter(str(directory), cfg, lora), "adapter")
-    tokens = torch.randint(0, cfg.vocab_size, (2, 7))
-    mask = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)[None, None].expand(2, 1, 7, 7)
-    with torch.no_grad():
-        ours = chunks[0](tokens, torch.arange(7).expand(2, 7), mask)[..., :cfg.vocab_size]
-        reference = model(tokens).logits
-        with model.disable_adapter():
-            base_logits = model(tokens).logits
+    ours, reference, base_logits = _logits(chunks, model, cfg)
     assert (reference - base_logits).abs().max() > 1e-2
     torch.testing.assert_close(ours.float(), reference, atol=2e-5, rtol=1e-5)
