@@ -1,20 +1,22 @@
 """Packed + token-budget micro-batches vs padded fixed-size ones; activation memory with SP at TP2.
 
-    flock /tmp/mp.lock python benchmarks/packing.py          # ~3 minutes on a 2-core CPU
+    flock /tmp/mp.lock python benchmarks/packing.py          # ~5 minutes on a 2-core CPU
     python benchmarks/packing.py --skip-sp                   # the single-process part only
 
 Prints one table:
-  * step time (one OPSD training step, median of --repeats, TP1) on the same pairs (equal tokens):
+  * step time (one OPSD training step, TP1, the best of --repeats rounds alternating the two layouts)
+    on the same pairs (equal tokens):
     responses drawn log-uniformly from --min-response..--max-response tokens, student prompts
     --prompt tokens, teacher prompts --teacher-extra longer. Padded: --micro-batch-size pairs per
     right-padded micro-batch (in the drawn order). Packed: micro-batches formed by
     train.max_tokens_per_micro_batch (= --budget context tokens), each one packed row.
   * activation memory per rank of one student forward (bytes of the tensors autograd saves for
-    backward, each storage counted once), TP2 with sequence parallelism vs TP2 without, on a model
-    where activations dominate (long context, small hidden size); two processes (torchrun).
-On CPU the local spec's attention computes every score of a packed row and masks the cross-pair
-ones, so packing saves the padding's linear-layer work but not attention's quadratic work; THD
-attention with Transformer Engine on GPU skips the masked blocks too.
+    backward, each storage counted once) on a packed micro-batch, with sequence parallelism vs without
+    at TP2 and TP4 (--sp-tp; one torchrun of TP processes each), on a model where activations dominate
+    (long context, small hidden size).
+Packed micro-batches go through megatron's THD path (``PackedSeqParams``): attention runs pair by
+pair (the local spec's ``PackedDotProductAttention`` on CPU, Transformer Engine's on GPU), so its work
+is the sum of the pairs' squared lengths; padded micro-batches attend over every padded row.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -78,41 +79,43 @@ def step_times(args) -> dict:
     padded = [collate_pairs(pairs[i:i + size], 0) for i in range(0, len(pairs), size)]
     groups = token_budget_groups([len(p.student_ids) + len(p.teacher_ids) for p in pairs], args.budget)
     packed = [collate_pairs([pairs[i] for i in g], 0, pack=True) for g in groups]
-    out = {}
-    for name, batches in (("padded", padded), ("packed", packed)):
-        slots = sum(b.student.tokens.numel() + b.teacher.tokens.numel() for b in batches)
-        times, loss = [], None
-        for _ in range(args.repeats + 1):  # the first is a warm-up
+    out = {name: dict(times=[], micro_batches=len(batches),
+                      slots=sum(b.student.tokens.numel() + b.teacher.tokens.numel() for b in batches))
+           for name, batches in (("padded", padded), ("packed", packed))}
+    for round_ in range(args.repeats + 1):  # the first round is a warm-up; rounds alternate the two
+        for name, batches in (("padded", padded), ("packed", packed)):
             start = time.perf_counter()
             metrics = train_step(ctx, ddp, optimizer, batches, pad_id=0, clip_grad=0.0)
-            times.append(time.perf_counter() - start)
-            loss = metrics["loss"]
-        out[name] = dict(time=statistics.median(times[1:]), micro_batches=len(batches), slots=slots, loss=loss,
-                         tokens=metrics["response_tokens"])
+            if round_:
+                out[name]["times"].append(time.perf_counter() - start)
+            out[name].update(loss=metrics["loss"], tokens=metrics["response_tokens"])
+    for entry in out.values():
+        entry["time"] = min(entry["times"])
     out["context_tokens"] = sum(len(p.student_ids) + len(p.teacher_ids) for p in pairs)
     runtime.destroy()
     return out
 
 
 def sp_worker(args) -> None:
-    """One rank of TP2: saved-for-backward bytes of one student forward, without and with SP."""
+    """One rank of TP=world size: saved-for-backward bytes of one student forward, without and with SP."""
     from megatron_opsd.data.batch import collate_pairs
+    from megatron_opsd.data.contexts import build_pair
     from megatron_opsd.models.provider import build_model
-    from megatron_opsd.opsd.step import pad_for_layout
+    from megatron_opsd.opsd.step import _model_inputs, pad_for_layout
     from megatron_opsd.parallel import ParallelConfig, init_parallel
 
     cfg = model_config(args.sp_hidden, args.sp_layers, args.vocab)
+    tp = int(os.environ["WORLD_SIZE"])
     result = {}
     for sp in (False, True):
-        runtime = init_parallel(ParallelConfig(tp=2, sequence_parallel=sp), seed=0)
+        runtime = init_parallel(ParallelConfig(tp=tp, sequence_parallel=sp), seed=0)
         chunk = build_model(cfg, runtime)[0]
-        from megatron_opsd.data.contexts import build_pair
-
         gen = torch.Generator().manual_seed(0)
         pair = build_pair(torch.randint(1, cfg.vocab_size, (args.sp_length,), generator=gen).tolist(),
                           torch.randint(1, cfg.vocab_size, (args.sp_length,), generator=gen).tolist(),
                           [1], stop_ids=set(), max_seq_len=10**9, overlong="drop")
-        batch = pad_for_layout([collate_pairs([pair] * args.sp_batch, 0)], runtime, 0)[0]
+        # padding-free, as at scale: the pairs packed in one THD row
+        side = pad_for_layout([collate_pairs([pair] * args.sp_batch, 0, pack=True)], runtime, 0)[0].student
         seen: dict[int, int] = {}
 
         def pack(t):
@@ -122,7 +125,7 @@ def sp_worker(args) -> None:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = chunk(batch.student.tokens, batch.student.position_ids, batch.student.attention_mask)
+            out = chunk(side.tokens, side.position_ids, **_model_inputs(chunk, side))
         params = {p.untyped_storage().data_ptr() for p in chunk.parameters()}
         result["sp" if sp else "no_sp"] = sum(n for ptr, n in seen.items() if ptr not in params)
         del out
@@ -132,12 +135,12 @@ def sp_worker(args) -> None:
             json.dump(result, f)
 
 
-def activation_memory(args) -> dict:
+def activation_memory(args, tp: int) -> dict:
     from tests.harness import torchrun_cmd
 
     with tempfile.TemporaryDirectory(prefix="packing-bench-") as tmp:
         out = Path(tmp) / "sp.json"
-        cmd = torchrun_cmd(__file__, 2, "--sp-worker", "--sp-out", str(out), *sys.argv[1:])
+        cmd = torchrun_cmd(__file__, tp, "--sp-worker", "--sp-out", str(out), *sys.argv[1:])
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         if proc.returncode != 0:
             raise SystemExit(f"SP worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -146,7 +149,7 @@ def activation_memory(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--pairs", type=int, default=64, help="pairs in the step (e.g. 8 prompts x 8 samples)")
     parser.add_argument("--min-response", type=int, default=32)
     parser.add_argument("--max-response", type=int, default=1024)
     parser.add_argument("--prompt", type=int, default=64)
@@ -162,6 +165,7 @@ def main() -> None:
     parser.add_argument("--sp-layers", type=int, default=2)
     parser.add_argument("--sp-length", type=int, default=512)
     parser.add_argument("--sp-batch", type=int, default=2)
+    parser.add_argument("--sp-tp", type=int, nargs="+", default=[2, 4], help="tensor-parallel sizes (processes)")
     parser.add_argument("--skip-sp", action="store_true")
     parser.add_argument("--sp-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--sp-out", help=argparse.SUPPRESS)
@@ -181,12 +185,12 @@ def main() -> None:
           f"| {pk['micro_batches']:>4} / {pk['slots']:>9} | {pk['slots'] / pad['slots']:>6.2f} |        |")
     assert abs(pk["loss"] - pad["loss"]) <= 1e-5 * max(1.0, abs(pad["loss"])), (pk["loss"], pad["loss"])
     if not args.skip_sp:
-        mem = activation_memory(args)
-        label = (f"activations/rank TP2, SP vs no SP (h={args.sp_hidden}, L={args.sp_length}, "
-                 f"b={args.sp_batch})")
-        print(f"| {label:<44} | {mem['no_sp'] / 2**20:>12.1f} MiB | {mem['sp'] / 2**20:>12.1f} MiB "
-              f"| {mem['sp'] / mem['no_sp']:>6.2f} | <= 0.6 |")
-
+        for tp in args.sp_tp:
+            mem = activation_memory(args, tp)
+            label = (f"activations/rank TP{tp}, SP vs no SP (h={args.sp_hidden}, L={args.sp_length}, "
+                     f"b={args.sp_batch})")
+            print(f"| {label:<44} | {mem['no_sp'] / 2**20:>12.1f} MiB | {mem['sp'] / 2**20:>12.1f} MiB "
+                  f"| {mem['sp'] / mem['no_sp']:>6.2f} | {'<= 0.6' if tp == 2 else '':>6} |")
 
 if __name__ == "__main__":
     main()

@@ -11,8 +11,10 @@ is empty.
 Packing (``collate_pairs(pack=True)``): the micro-batch is one row holding every pair's context back
 to back with no padding between them (student contexts in the student row, teacher contexts in the
 teacher row), position ids restarting at 0 for each pair, and a block-diagonal causal mask confining
-attention to each pair (trailing padding, if a length is imposed, is a block of its own). The index
-maps point into the packed rows, so the loss sees exactly the tokens of the padded layout.
+attention to each pair (trailing padding, if a length is imposed, is a block of its own). The model
+receives the same boundaries as THD ``PackedSeqParams`` (``opsd.step.packed_seq_params``); the mask
+describes them for tests and tools. The index maps point into the packed rows, so the loss sees
+exactly the tokens of the padded layout.
 """
 
 from __future__ import annotations

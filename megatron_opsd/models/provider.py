@@ -1,7 +1,8 @@
 """Build megatron-core ``GPTModel`` chunks for the Llama, Qwen2, Qwen3 and Mistral families.
 
 The Transformer Engine layer spec is used when TE is importable and CUDA is present; otherwise the
-local spec (torch ops). Fusions that need CUDA kernels are turned off on CPU.
+local spec (torch ops; its core attention is ``PackedDotProductAttention``, which also takes packed
+THD micro-batches). Fusions that need CUDA kernels are turned off on CPU.
 """
 
 from __future__ import annotations
@@ -187,14 +188,20 @@ def layer_spec(model: ModelConfig, build: ModelBuildConfig, config=None, runtime
     spec, TE grouped GEMM with Transformer Engine)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_opsd.models.attention import PackedDotProductAttention
+
     use_te = use_transformer_engine(build)
     if model.is_moe:
-        return gpt_layer_specs.get_gpt_decoder_block_spec(
+        spec = gpt_layer_specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage,
             pp_rank=runtime.pp_rank)
+        return _replace_modules(spec, DotProductAttention, PackedDotProductAttention)
     if use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
     spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+    spec = _replace_modules(spec, DotProductAttention, PackedDotProductAttention)
     return _replace_modules(spec, _torch_norm_class(), RMSNormSP)
 
 

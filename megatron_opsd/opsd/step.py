@@ -173,47 +173,10 @@ class _SumOverTP(torch.autograd.Function):
         return grad, None
 
 
-class PackedPositions:
-    """RoPE at each token's position id, for packed micro-batches (``collate_pairs(pack=True)``).
-
-    megatron-core's GPTModel rotates by slot (0 .. L-1) and ignores ``position_ids`` under RoPE; in a
-    packed row each pair's positions restart at 0. While ``at(side)`` holds a packed side, a forward
-    pre-hook on the decoder replaces the rotary table [L, 1, 1, d] by megatron's own table gathered at
-    each token's position id [L, B, 1, d], so a packed pair is rotated exactly as it would be alone
-    (the block-diagonal mask keeps its attention to itself). RoPE scores depend on position
-    differences only, so without this packing would still be right up to rounding: fp32 rotations
-    by large slot numbers round differently (tests/unit/test_packing.py sees it at 1e-6). With
-    Transformer Engine on GPU the same is THD ``PackedSeqParams`` (cu_seqlens), see
-    ``packed_seq_params``.
-    """
-
-    def __init__(self, chunk: torch.nn.Module):
-        self.position_ids: torch.Tensor | None = None
-        self._rope = weakref.ref(chunk.rotary_pos_emb) if hasattr(chunk, "rotary_pos_emb") else None
-        self._chunk = weakref.ref(chunk)
-        chunk.decoder.register_forward_pre_hook(self._rotate_at_positions, with_kwargs=True)
-
-    def _rotate_at_positions(self, module, args, kwargs):
-        if self.position_ids is None or kwargs.get("rotary_pos_emb") is None:
-            return None
-        table = self._rope()(int(self.position_ids.max()) + 1)  # [P, 1, 1, d]
-        kwargs["rotary_pos_emb"] = table[:, 0][self.position_ids.t()]  # [L, B, 1, d]
-        return args, kwargs
-
-    @contextlib.contextmanager
-    def at(self, side):
-        thd = "packed_seq_params" in _model_inputs(self._chunk(), side)  # TE rotates per sequence itself
-        self.position_ids = side.position_ids if side.packed and self._rope is not None and not thd else None
-        try:
-            yield
-        finally:
-            self.position_ids = None
-
-
 def packed_seq_params(side):
-    """THD ``PackedSeqParams`` (cu_seqlens) of a packed side, for Transformer Engine attention on GPU,
-    which then attends within each pair and rotates each pair from position 0 itself (trailing padding
-    is one more sequence). Not run here: no GPU with Transformer Engine was available (untested)."""
+    """THD ``PackedSeqParams`` (cu_seqlens) of a packed side: megatron's attention then rotates each
+    pair from position 0 and the core attention (Transformer Engine's on GPU, the local spec's
+    ``PackedDotProductAttention``) attends within each pair; trailing padding is one more sequence."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     sizes = side.pack_lengths.tolist()
@@ -225,20 +188,17 @@ def packed_seq_params(side):
 
 
 def _model_inputs(chunk: torch.nn.Module, side) -> dict:
-    """The model call's inputs for one side: THD packed-sequence parameters under Transformer Engine
-    attention, else the explicit (block-diagonal when packed) mask."""
+    """The model call's inputs for one side: THD packed-sequence parameters for a packed side, else
+    the explicit causal + key-padding mask."""
+    if not side.packed:
+        return dict(attention_mask=side.attention_mask)
     layers = getattr(unwrap(chunk).decoder, "layers", [])
-    te_attention = bool(len(layers)) and type(layers[0].self_attention.core_attention).__name__.startswith("TE")
-    if side.packed and te_attention:
-        return dict(attention_mask=None, packed_seq_params=packed_seq_params(side))
-    return dict(attention_mask=side.attention_mask)
-
-
-def _positions(chunk: torch.nn.Module) -> PackedPositions:
-    chunk = unwrap(chunk)
-    if not hasattr(chunk, "_opsd_positions"):
-        chunk._opsd_positions = PackedPositions(chunk)
-    return chunk._opsd_positions
+    for layer in layers:
+        core = layer.self_attention.core_attention
+        if not (getattr(core, "supports_packed_sequences", False) or type(core).__name__.startswith("TE")):
+            raise ValueError(f"packed micro-batches need a core attention that takes THD sequences; "
+                             f"this model has {type(core).__name__}")
+    return dict(attention_mask=None, packed_seq_params=packed_seq_params(side))
 
 
 def _projection(chunk: torch.nn.Module) -> ResponseProjection:
@@ -292,7 +252,7 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     teacher_out = teacher_weight = None
     if ctx.teacher is not None:
         teacher = ctx.teacher.chunks[chunk_id]
-        with torch.no_grad(), ctx.teacher.context(), _positions(teacher).at(batch.teacher), \
+        with torch.no_grad(), ctx.teacher.context(), \
                 _projection(teacher).at(batch.teacher_index if last else None, deferred=deferred) as head:
             teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
             teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
@@ -300,8 +260,7 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
             teacher_weight = head.weight
 
     student.set_input_tensor(student_in)
-    with _positions(student).at(batch.student), \
-            _projection(student).at(batch.student_index if last else None, deferred=deferred) as head:
+    with _projection(student).at(batch.student_index if last else None, deferred=deferred) as head:
         student_out = model(batch.student.tokens, batch.student.position_ids, **_model_inputs(model, batch.student))
 
     if not last:

@@ -69,7 +69,7 @@ def _step(runtime, full, batches, mode):
     from megatron_opsd.opsd import LossConfig, StepContext, Teacher
     from megatron_opsd.opsd.step import run_schedule, zero_grads
 
-    chunks = build_model(tiny(), runtime)
+    chunks = [chunk.double() for chunk in build_model(tiny(), runtime)]  # two attention kernels: fp64
     load_unsharded(chunks, full, 0, 1)
     ddp = wrap_ddp(chunks, runtime)
     loss = LossConfig(mode=mode) if mode == "sft" else LossConfig(clip=None)

@@ -1,0 +1,49 @@
+"""The local spec's core attention, with packed (THD) micro-batches attended pair by pair.
+
+megatron-core's local ``DotProductAttention`` refuses ``PackedSeqParams``: a packed row could only be
+attended as one long sequence under a block-diagonal mask, computing (and storing for backward) every
+score of the row, most of them masked, so packing n pairs would cost attention work of the square of
+their total length instead of the sum of their squares. ``PackedDotProductAttention`` takes megatron's
+THD path instead, as Transformer Engine's attention does on GPU: megatron's ``Attention`` squeezes the
+batch dimension and rotates each sequence from position 0 by ``cu_seqlens`` itself, and this module
+runs causal ``scaled_dot_product_attention`` on each sequence's own [n, heads, d] block (a fused
+kernel on CPU and CUDA: the scores are never stored for backward). Without ``PackedSeqParams`` (padded
+micro-batches, rollouts) it is megatron's ``DotProductAttention`` unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+
+class PackedDotProductAttention(DotProductAttention):
+    """``DotProductAttention`` that also takes THD ``PackedSeqParams`` (see the module docstring)."""
+
+    supports_packed_sequences = True
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                   attention_bias=attention_bias)
+        if packed_seq_params.qkv_format != "thd" or attention_bias is not None or attention_mask is not None:
+            raise ValueError("packed attention takes THD PackedSeqParams without a mask or bias")
+        if self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None:
+            raise ValueError("packed attention supports the vanilla softmax without a window")
+        # query [t, heads, d], key/value [t, groups, d] (megatron squeezed the batch of one)
+        cu_seqlens = packed_seq_params.cu_seqlens_q.tolist()
+        if packed_seq_params.cu_seqlens_kv.tolist() != cu_seqlens:
+            raise ValueError("packed attention needs the same sequences for queries and keys")
+        if self.training and self.attention_dropout.p > 0:
+            raise ValueError("packed attention has no attention dropout (attention_dropout must be 0)")
+        gqa = self.num_attention_heads_per_partition != self.num_query_groups_per_partition
+        blocks = []
+        for start, end in zip(cu_seqlens[:-1], cu_seqlens[1:]):
+            q, k, v = (x[start:end].transpose(0, 1)[None] for x in (query, key, value))  # [1, h, n, d]
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
+                                                 enable_gqa=gqa)
+            blocks.append(out[0].transpose(0, 1))  # [n, heads, d]
+        context = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+        return context.reshape(context.shape[0], self.hidden_size_per_partition)
