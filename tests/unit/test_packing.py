@@ -2,7 +2,7 @@
 
 Single process, TP1: every parameter gradient of one OPSD (and SFT) step on pairs whose lengths
 differ 10x, packed vs padded, within 1e-6 relative; the packed layout itself (positions restart per
-pair, block-diagonal causal mask). Layouts (TP2+SP, PP2, PP2xVPP2): tests/distributed/test_opsd_step.py.
+pair, block-diagonal causal mask), and the refusal of a packed row for an attention without THD. Layouts (TP2+SP, PP2, PP2xVPP2): tests/distributed/test_opsd_step.py.
 """
 
 from __future__ import annotations
@@ -149,3 +149,18 @@ def test_thd_packed_seq_params_of_a_packed_side():
     expected = torch.tensor([0, *sizes, side.tokens.shape[1] - sum(sizes)]).cumsum(0)
     assert params.qkv_format == "thd" and torch.equal(params.cu_seqlens_q.long(), expected)
     assert params.cu_seqlens_q.dtype == torch.int32 and params.max_seqlen_q == int(expected.diff().max())
+
+
+def test_packed_side_needs_an_attention_that_takes_thd(runtime):
+    """A packed row through megatron's plain DotProductAttention would attend across pairs: refused."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.opsd.step import _model_inputs
+
+    chunk = build_model(tiny(), runtime)[0]
+    packed = collate_pairs(pairs_10x(64), 0, pack=True)
+    assert _model_inputs(chunk, packed.student)["attention_mask"] is None
+    chunk.decoder.layers[1].self_attention.core_attention.__class__ = DotProductAttention
+    with pytest.raises(ValueError, match="THD sequences; this model has DotProductAttention"):
+        _model_inputs(chunk, packed.student)
