@@ -38,6 +38,11 @@ fi
 start=$SECONDS
 stamp() { echo "[run_opsd_smollm2 $((SECONDS - start))s] $*"; }
 
+# The config and extra arguments are checked before the conversions (minutes) run: a bad value prints
+# one line and exits 2 here (train.load, made in step 2, is checked when step 3 starts).
+WORLD_SIZE=$NPROC_PER_NODE python -m megatron_opsd.train --validate-only --config "$CONFIG" \
+  --checkpoint.dir "$OUT/checkpoints" --logging.dir "$OUT/logs" "$@" > /dev/null
+
 # Each conversion writes into a temporary directory renamed on success, so a finished directory is
 # never a half-written one.
 if [ ! -f "$OUT/hf/config.json" ]; then

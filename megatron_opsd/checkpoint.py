@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -65,24 +66,46 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def staging_dir(out: Path) -> Path:
+    """A fresh, uniquely named hidden directory next to ``out`` (``.<name>.tmp-XXXX``) to write into.
+    Only paths made here are ever deleted: a user's ``<out>.tmp`` or ``<out>.old`` is left alone."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move the finished ``tmp`` directory to ``out``, replacing an existing ``out`` (moved aside into
+    a fresh hidden directory first, removed once ``tmp`` is in place)."""
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        out.rename(old / out.name)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def atomic_save(save_fn, directory: str | Path) -> Path:
-    """Run ``save_fn(tmp_dir)`` on every rank, then publish ``tmp_dir`` as ``directory`` (rank 0)."""
+    """Run ``save_fn(tmp_dir)`` on every rank, then publish ``tmp_dir`` as ``directory`` (rank 0).
+
+    ``tmp_dir`` is ``staging_dir(directory)``, made by rank 0 and broadcast; an interrupted save leaves
+    it behind (``.<name>.tmp-XXXX``, never taken for a checkpoint), and the next save of the same name
+    removes such leftovers of its own."""
     directory = Path(directory)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    tmp = directory.with_name(directory.name + ".tmp")
+    tmp = [None]
     if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    _barrier()
+        for stale in directory.parent.glob(f".{directory.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = [str(staging_dir(directory))]
+    if dist.is_initialized():
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = Path(tmp[0])
     save_fn(tmp)
     _barrier()
     maybe_inject_fault(f"mid_save:{directory.name}")
     if rank == 0:
-        old = directory.with_name(directory.name + ".old")
-        if directory.exists():
-            directory.rename(old)
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, directory)
     _barrier()
     return directory
 

@@ -214,7 +214,8 @@ class Trainer:
                 return results
             if cfg.checkpoint.save_every and self.step % cfg.checkpoint.save_every == 0:
                 self.save()
-        results["accuracy_after"] = self.evaluate()["accuracy"]
+        final = self.evaluate()
+        results.update(accuracy_after=final["accuracy"], eval_problems=final["problems"])
         if not cfg.checkpoint.save_every or self.step % cfg.checkpoint.save_every:
             self.save()
         self.log.message(json.dumps(results))
@@ -464,9 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(cfg, plan)
         results = trainer.fit()
         if "accuracy_after" in results:  # (not when stopped by a signal)
-            problems = len(trainer.eval_problems or trainer.train_problems)
-            trainer.log.message(accuracy_summary(cfg, results, trainer.step,
-                                                 min(cfg.train.eval_problems or problems, problems)))
+            trainer.log.message(accuracy_summary(cfg, results, trainer.step))
     except (ConfigError, ValueError, FileNotFoundError) as exc:
         _say(first_rank or dist.is_initialized(), f"megatron_opsd.train: error: {one_line(exc)}", sys.stderr)
         return 2
@@ -482,10 +481,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def accuracy_summary(cfg: JobConfig, results: dict, step: int, problems: int) -> str:
-    """The run's closing lines: held-out accuracy before and after training (``fit``'s results) and the
-    files holding each evaluation's responses. A resumed run has no "before" (an earlier run made it)."""
+def accuracy_summary(cfg: JobConfig, results: dict, step: int) -> str:
+    """The run's closing lines: held-out accuracy before and after training (``fit``'s results) on the
+    problems evaluated (those whose prompt fits ``data.max_prompt_len``) and the files holding each
+    evaluation's responses. A resumed run has no "before" (an earlier run made it)."""
     logs, method, after = Path(cfg.logging.dir), cfg.loss.mode.upper(), results["accuracy_after"]
+    problems = results["eval_problems"]
     final = logs / f"eval_step_{step}.jsonl"
     if "accuracy_before" in results:
         before = results["accuracy_before"]

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from megatron_opsd.checkpoint import publish, staging_dir
 
 # Copied verbatim between HF and megatron directories when present.
 TOKENIZER_FILES = (
@@ -135,24 +136,12 @@ def check_output_dir(out: str | Path, force: bool) -> Path:
 
 @contextmanager
 def staging(out: Path):
-    """A fresh directory next to ``out`` to write the output into: published as ``out`` when the block
-    ends, removed when it raises. Only paths this creates are ever deleted (a user's ``<out>.tmp``
-    or ``<out>.old`` is left alone)."""
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    """A fresh directory next to ``out`` to write the output into (``checkpoint.staging_dir``):
+    published as ``out`` when the block ends, removed when it raises."""
+    tmp = staging_dir(out)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     publish(tmp, out)
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory to ``out``, replacing an existing ``out``."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-        out.rename(old / out.name)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -62,7 +62,8 @@ def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
     # A crash while writing step 2 leaves step 1 as the latest, loadable checkpoint...
     _, run = train(tmp_path, 2, fault="mid_save:step_0000002", expect_rc=17, name="crash")
     assert (run / "ckpt" / "latest").read_text().strip() == "step_0000001"
-    assert (run / "ckpt" / "step_0000002.tmp").is_dir() and not (run / "ckpt" / "step_0000002").exists()
+    [partial] = (run / "ckpt").glob(".step_0000002.tmp-*")  # the interrupted save's own staging directory
+    assert partial.is_dir() and not (run / "ckpt" / "step_0000002").exists()
     # ... and resuming from it gives the uninterrupted run's losses for the remaining steps.
     out, run = train(tmp_path, 2, name="crash")
     assert "resumed from" in out and "step_0000001" in out, out[-3000:]

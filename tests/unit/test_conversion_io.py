@@ -220,3 +220,20 @@ def test_staging_publishes_or_cleans_up_and_leaves_neighbours_alone(tmp_path):
     assert (out / "weights.bin").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old", "model.tmp"]
     assert all((tmp_path / n / "keep.txt").read_text() == "user data" for n in ("model.old", "model.tmp"))
+
+
+def test_atomic_save_leaves_neighbours_alone(tmp_path):
+    """Checkpoints and convert_hf_to_megatron's output go through atomic_save: a user's <out>.tmp and
+    <out>.old survive it (they were deleted before), its own leftover of an interrupted save does not."""
+    from megatron_opsd.checkpoint import atomic_save
+
+    out = tmp_path / "model"
+    for neighbour in ("model.tmp", "model.old"):
+        (tmp_path / neighbour).mkdir()
+        (tmp_path / neighbour / "keep.txt").write_text("user data")
+    (tmp_path / ".model.tmp-crashed").mkdir()  # what an interrupted save leaves
+    for version in ("first", "second"):
+        atomic_save(lambda tmp, v=version: (tmp / "weights.bin").write_text(v), out)
+    assert (out / "weights.bin").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old", "model.tmp"]
+    assert all((tmp_path / n / "keep.txt").read_text() == "user data" for n in ("model.old", "model.tmp"))

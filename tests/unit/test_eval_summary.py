@@ -83,3 +83,19 @@ def test_bad_log_dir_is_one_line(tmp_path, capsys):
     (logs / "eval_step_5.jsonl").write_text('{"id": 0, "response": "x"}\n')
     assert eval_summary.main([str(logs)]) == 2
     assert "eval_step_5.jsonl:1: needs the fields 'response' and 'reference'" in capsys.readouterr().err
+
+
+def test_smollm2_script_checks_its_arguments_before_converting(tmp_path):
+    """examples/run_opsd_smollm2.sh: a bad option is one line and exit 2 before minutes of conversion,
+    and nothing is written (it used to convert first and fail at the OPSD step)."""
+    import os
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "smollm2"
+    env = {**os.environ, "OUT": str(out), "SMOLLM2_GGUF": str(tmp_path / "absent.gguf"),
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(repo / "examples" / "run_opsd_smollm2.sh"), "--train.stepz", "3"],
+                          env=env, capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 2 and "train.stepz: unknown config key" in proc.stderr, proc
+    assert not any(out.iterdir())

@@ -1,9 +1,10 @@
 """Packed micro-batches (``collate_pairs(pack=True)``): the same loss and gradients as padded ones.
 
-Single process, TP1: every parameter gradient of one OPSD (and SFT) step on pairs whose lengths
-differ 10x, packed vs padded, within 1e-6 relative; the packed layout itself (positions restart per
-pair, block-diagonal causal mask), and the refusal of a packed row for an attention without THD. Layouts (TP2+SP, PP2, PP2xVPP2): tests/distributed/test_opsd_step.py.
-"""
+Single process, TP1, fp64: every parameter gradient of one OPSD (and SFT) step on pairs whose lengths
+differ 10x, packed (THD, ``PackedDotProductAttention``) vs padded (megatron's ``DotProductAttention``),
+within 1e-6 relative; the packed layout itself (positions restart per pair, block-diagonal causal
+mask); a packed row refused for an attention without THD. Layouts (TP2+SP, PP2, PP2xVPP2):
+tests/distributed/test_opsd_step.py."""
 
 from __future__ import annotations
 
