@@ -236,11 +236,6 @@ def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:07d}"
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete step that ``root/latest`` names; None when there is no pointer."""
-    return latest_step(Path(root)) if (Path(root) / LATEST).is_file() else None
-
-
 def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: bool, with_rng: bool,
                     optimizer_format: str = "fully_reshardable") -> dict:
     from megatron.core.dist_checkpointing.mapping import ShardedObject

@@ -113,15 +113,14 @@ def model_tensor_metadata(megatron_dir: str | Path) -> tuple[str, dict]:
 
 
 def resolve_checkpoint_dir(directory: str | Path, log=print) -> Path:
-    """A checkpoint directory (holding model.json), or a training run's checkpoint root: its ``latest``."""
-    from megatron_opsd.checkpoint import LATEST, MODEL_JSON, latest_checkpoint
+    """``checkpoint_paths.resolve_weights`` for ``--megatron-dir`` (a checkpoint directory holding
+    model.json, or a training run's checkpoint root: its latest step), saying which step a root gave."""
+    from megatron_opsd.checkpoint_paths import resolve_weights
 
-    directory = Path(directory)
-    if not (directory / MODEL_JSON).is_file() and (directory / LATEST).is_file():
-        step = latest_checkpoint(directory)
-        log(f"{directory} is a checkpoint root: using its latest checkpoint {step.name}")
-        return step
-    return directory
+    resolved = resolve_weights(directory, "--megatron-dir")
+    if resolved != Path(directory):
+        log(f"{directory} is a checkpoint root: using its latest checkpoint {resolved.name}")
+    return resolved
 
 
 def checkpoint_dtype(megatron_dir: str | Path) -> torch.dtype:
