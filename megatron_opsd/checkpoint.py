@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.checkpoint_paths import (LATEST, MODEL_JSON, latest_step, read_model_json, resolve_weights,
+from megatron_opsd.checkpoint_paths import (LATEST, MODEL_JSON, read_model_json, resolve_weights,
                                             step_dirs, with_previous)
 from megatron_opsd.models.description import ModelConfig
 
