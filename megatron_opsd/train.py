@@ -90,7 +90,7 @@ def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
     dp = 1
     if world_size is not None:
         cfg.parallel.check_world_size(world_size)
-        dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+        dp = cfg.parallel.data_parallel_size(world_size)
     if cfg.train.prompts_per_step % dp:
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
                           f"data-parallel size {dp}: make it a multiple of {dp}")

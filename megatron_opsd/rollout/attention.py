@@ -84,7 +84,8 @@ class RolloutAttention:
 
     def prepare(self, max_positions: int) -> None:
         """RoPE angles [max_positions, 1, d] from the model's own rotary module (scaling included)."""
-        self._freqs_n1d = self.models[0].rotary_pos_emb(max_positions)[:, 0]
+        # get_emb: the whole table (its forward would keep this rank's part under context parallelism)
+        self._freqs_n1d = self.models[0].rotary_pos_emb.get_emb(max_positions)[:, 0]
 
     def set_inputs(self, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor, dtype: torch.dtype) -> None:
         """Per forward: each new token's position [b, s] and the attention mask (True = attend)."""
