@@ -153,8 +153,9 @@ LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")),
            ("TP2+SPxPP2xVPP2", dict(tp=2, pp=2, vpp=2, sp=True, num_microbatches=2))]
 SP_LAYOUTS = [layout for layout in LAYOUTS if layout[1].get("sp")]
 # context parallelism with the test-only all-gather attention (CP2 is DP2 x CP2 on 4 processes)
-CP_LAYOUTS = [("CP2", dict(cp=2)), ("TP2xCP2", dict(tp=2, cp=2)), ("TP2+SPxCP2", dict(tp=2, cp=2, sp=True)),
-              ("CP2xPP2", dict(cp=2, pp=2)), ("CP2 materialised", dict(cp=2, materialised=True))]
+CP_LAYOUTS = [("CP2", dict(cp=2, grads={})), ("TP2xCP2", dict(tp=2, cp=2)), ("TP2+SPxCP2", dict(tp=2, cp=2, sp=True)),
+              ("CP2xPP2", dict(cp=2, pp=2)), ("CP2xPP2xVPP2", dict(cp=2, pp=2, vpp=2, num_microbatches=2)),
+              ("CP2 materialised", dict(cp=2, materialised=True))]
 # packed micro-batches (2 pairs each) on pairs whose lengths differ 10x, vs padded TP1
 PACKED_LAYOUTS = [("packed TP2", dict(tp=2)), ("packed TP2+SP", dict(tp=2, sp=True)), ("packed PP2", dict(pp=2)),
                   ("packed PP2xVPP2", dict(pp=2, vpp=2)),
@@ -176,7 +177,7 @@ def reference(path: str) -> None:
     model_cfg, full, pairs = setup()
     out = {}
     grads = {}
-    out["grads"], _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), grads=grads)
+    one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), grads=grads)
     torch.save(grads, path + ".grads.pt")
     for name, fields in LOSS_CONFIGS.items():
         ref, _ = one_step(model_cfg, full, pairs, LossConfig(**fields))
@@ -232,7 +233,7 @@ def layouts(path: str) -> None:
             assert got["response_tokens"] == ref["response_tokens"]
             assert ok, f"{name} {layout}: {got} vs reference {ref}"
 
-    # context parallelism: loss and grad norm as TP1; at CP2 every gradient too
+    # context parallelism: loss, grad norm and metrics as TP1; at CP2 (DP2 x CP2) every gradient too
     ref = refs["forward_kl clip"]
     for layout, kwargs in CP_LAYOUTS:
         got, _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), **kwargs)
@@ -240,10 +241,9 @@ def layouts(path: str) -> None:
         rank_print(f"[forward_kl clip] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
                    f"tokens={got['response_tokens']} {'ok' if same else 'MISMATCH'}")
         assert got["response_tokens"] == ref["response_tokens"] and same, f"{layout}: {got} vs reference {ref}"
-    grads, expected = {}, torch.load(path + ".grads.pt")
-    got, _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), cp=2, grads=grads)
-    assert close(got["grad_norm"], refs["grads"]["grad_norm"]), (got, refs["grads"])
+    grads, expected = CP_LAYOUTS[0][1]["grads"], torch.load(path + ".grads.pt")
     assert grads.keys() == expected.keys(), (sorted(grads), sorted(expected))
+    # relative to each tensor's largest entry (fp32 sums in other orders; seen: 2e-7)
     worst = max((grads[k] - expected[k]).abs().max().item() / expected[k].abs().max().clamp(min=1e-12).item()
                 for k in grads)
     rank_print(f"[forward_kl clip] CP2 every gradient: worst max|diff| / max|grad| = {worst:.2e}")
@@ -251,7 +251,7 @@ def layouts(path: str) -> None:
 
     # SFT (no teacher): interleaved (its stage messages hold the student only) and sequence parallel;
     # and under context parallelism
-    for layout, kwargs in [LAYOUTS[4], *SP_LAYOUTS[:3], SP_LAYOUTS[-1], CP_LAYOUTS[0], CP_LAYOUTS[2]]:
+    for layout, kwargs in [LAYOUTS[4], *SP_LAYOUTS[:3], SP_LAYOUTS[-1], ("CP2", dict(cp=2))]:
         got, _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"), **kwargs)
         ref = refs["sft"]
         ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
