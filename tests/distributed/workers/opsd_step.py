@@ -18,11 +18,13 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from common import main_grad, rank_print, tiny_llama, unsharded_params
+from megatron_opsd import checkpoint as ckpt
 from megatron_opsd.data.batch import collate_pairs, token_budget_groups
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp
@@ -212,6 +214,39 @@ def reference(path: str) -> None:
     print("opsd_step reference: done")
 
 
+def cp_resume(model_cfg, full, pairs, root: str) -> None:
+    """A training checkpoint written at CP2 (DP2 x CP2) resumes at CP2 and at CP1 (DP4): the next step
+    equals the uninterrupted one's (the CP ranks of a DP rank save one RNG state between them)."""
+    loss_cfg = LossConfig(**LOSS_CONFIGS["forward_kl clip"])
+
+    def run(cp: int, load: str | None = None, save: str | None = None) -> dict:
+        runtime = init_parallel(ParallelConfig(cp=cp), seed=5)
+        chunks = build_model(model_cfg, runtime, ModelBuildConfig())
+        load_unsharded(chunks, full, runtime.tp_rank, runtime.tp)
+        ddp = wrap_ddp(chunks, runtime)
+        optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=1e-2, clip_grad=1.0))
+        ctx = StepContext(runtime=runtime, loss=loss_cfg, temperature=1.1, vocab_size=model_cfg.vocab_size,
+                          teacher=Teacher(ddp))
+        if load is not None:
+            ckpt.load_training(ckpt.step_dir(Path(load), 1), chunks=ddp, optimizer=optimizer, teacher_chunks=None,
+                               runtime=runtime)
+        else:
+            train_step(ctx, ddp, optimizer, micro_batches(pairs, runtime, 2), pad_id=PAD, clip_grad=1.0)
+        if save is not None:
+            ckpt.save_training(save, 1, chunks=ddp, optimizer=optimizer, teacher_chunks=None, runtime=runtime,
+                               model=model_cfg, common={}, keep_last=0)
+        metrics = train_step(ctx, ddp, optimizer, micro_batches(pairs[::-1], runtime, 2), pad_id=PAD, clip_grad=1.0)
+        runtime.destroy()
+        return metrics
+
+    want = run(2, save=root)
+    for cp in (2, 1):
+        got = run(cp, load=root)
+        assert close(got["loss"], want["loss"]) and close(got["grad_norm"], want["grad_norm"]), (cp, got, want)
+        rank_print(f"CP2 checkpoint resumed at CP{cp}: step 2 loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   "equals the uninterrupted run")
+
+
 def os_threads() -> int:
     return len(os.listdir(f"/proc/{os.getpid()}/task"))
 
@@ -248,6 +283,8 @@ def layouts(path: str) -> None:
                 for k in grads)
     rank_print(f"[forward_kl clip] CP2 every gradient: worst max|diff| / max|grad| = {worst:.2e}")
     assert worst < 1e-5, worst
+
+    cp_resume(model_cfg, full, pairs, path + ".cp_ckpt")
 
     # SFT (no teacher): interleaved (its stage messages hold the student only) and sequence parallel;
     # and under context parallelism
