@@ -111,7 +111,7 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
         perform_initialization=build.init_weights,
         tensor_model_parallel_size=runtime.tp,
         pipeline_model_parallel_size=runtime.pp,
-        context_parallel_size=runtime.cp,
+        context_parallel_size=runtime.config.cp,
         virtual_pipeline_model_parallel_size=runtime.vpp,
         sequence_parallel=runtime.config.sequence_parallel,
         params_dtype=dtype,
