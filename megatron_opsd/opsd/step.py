@@ -18,7 +18,8 @@ Attention exchanges keys and values over CP inside TE (with RoPE sliced alike by
 micro-batch and context on the last stage: one all-reduce of [B, R, H] over CP (TP x CP with SP) to
 select the response rows (``ResponseProjection``), and one of its gradient in backward; each CP rank
 then projects and scores a disjoint share of the response tokens (every CP-th), so the vocabulary
-projection is not repeated CP times. Rollouts decode without CP: every CP rank samples the same
+projection is not repeated CP times (the materialised reference path computes every row's logits on
+each CP rank and scores its share). Rollouts decode without CP: every CP rank samples the same
 responses, as TP peers do.
 
 On the last stage the output layer runs only at the response positions of each context (a forward
