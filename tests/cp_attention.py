@@ -103,6 +103,7 @@ def use_cp_test_attention() -> None:
     from megatron.core.models.common.embeddings import rotary_pos_embedding
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from megatron_opsd import config
     from megatron_opsd.models import provider
 
     plain_layer_spec = provider.layer_spec
@@ -114,5 +115,5 @@ def use_cp_test_attention() -> None:
         return spec
 
     provider.layer_spec = layer_spec
-    provider.check_context_parallel = lambda cp, build: None
+    provider.check_context_parallel = config.check_context_parallel = lambda cp, build: None
     rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
