@@ -255,8 +255,9 @@ def _training_state(chunks, optimizer, teacher_chunks, runtime, *, is_loading: b
     if with_rng:
         rng = {"torch": torch.get_rng_state(), "python": __import__("random").getstate(),
                "numpy": __import__("numpy").random.get_state()}
+        # the CP ranks of a (pp, tp, dp) rank are seeded alike and draw alike: replicas of one state
         state["rng"] = ShardedObject("rng_state", rng, (runtime.pp, runtime.tp, runtime.dp),
-                                     (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=0)
+                                     (runtime.pp_rank, runtime.tp_rank, runtime.dp_rank), replica_id=runtime.cp_rank)
     return state
 
 

@@ -17,7 +17,7 @@ from megatron_opsd.data.config import DataConfig
 from megatron_opsd.engine import OptimConfig
 from megatron_opsd.models.description import ModelConfig
 from megatron_opsd.models.lora import LoRAConfig, check_lora_model
-from megatron_opsd.models.provider import ModelBuildConfig
+from megatron_opsd.models.provider import ModelBuildConfig, check_context_parallel
 from megatron_opsd.opsd.config import LossConfig
 from megatron_opsd.parallel import ParallelConfig
 
@@ -180,7 +180,21 @@ class JobConfig:
                 raise ValueError("lora.rank > 0 needs the local layer spec (TE's fused layernorm-linear hides the "
                                  "adapters' input): set model_build.transformer_engine: off or auto")
             self.model_build.transformer_engine = "off"  # auto: the local spec
+        if self.parallel.cp > 1:
+            self.check_context_parallel()
 
+
+    def check_context_parallel(self) -> None:
+        """What context parallelism supports (tested on CPU with a test-only attention, see README)."""
+        cp = self.parallel.cp
+        if self.lora.enabled:
+            raise ValueError(f"parallel.cp={cp} with lora.rank > 0: LoRA needs the local layer spec and context "
+                             "parallelism needs Transformer Engine attention; set parallel.cp: 1")
+        if self.train.max_tokens_per_micro_batch:
+            raise ValueError(f"train.max_tokens_per_micro_batch={self.train.max_tokens_per_micro_batch} with "
+                             f"parallel.cp={cp}: packed micro-batches are not supported under context "
+                             "parallelism yet; leave it unset or set parallel.cp: 1")
+        check_context_parallel(cp, self.model_build)
 
     def check_model_fits(self) -> None:
         """The model against the layout and the length budget (again once train.load gave the model)."""
@@ -190,6 +204,9 @@ class JobConfig:
         self.model.check_sequence_length(self.data.max_seq_len)
         if self.lora.enabled:
             check_lora_model(self.model, self.lora)
+        if m.is_moe and self.parallel.cp > 1:
+            raise ValueError(f"parallel.cp={self.parallel.cp} with a mixture of experts ({m.model_type}, "
+                             f"num_experts={m.num_experts}) is not supported (untested): set parallel.cp: 1")
         if m.is_moe:
             self.parallel.check_experts(m.num_experts, m.moe_intermediate_size)
             if self.parallel.tp > 1 and not self.parallel.sequence_parallel:

@@ -1,7 +1,7 @@
 """The parallel runtime: the one place that reads megatron-core's global parallel state.
 
 ``init_parallel`` starts torch.distributed (NCCL with CUDA, gloo without), initialises megatron-core
-model parallel state (tp, pp, optional virtual pp; dp is derived) and all seeds, and returns a
+model parallel state (tp, pp, optional virtual pp, cp; dp is derived) and all seeds, and returns a
 ``ParallelRuntime`` holding explicit groups and ranks. Everything else receives groups from it.
 """
 
@@ -25,12 +25,15 @@ from megatron_opsd.config_io import doc
 
 @dataclass
 class ParallelConfig:
-    """Parallel layout. dp is derived: world_size / (tp * pp). MoE layers use their own layout over
+    """Parallel layout. dp is derived: world_size / (tp * pp * cp). MoE layers use their own layout over
     the same processes (megatron-core's expert groups): ep x etp x pp, expert-data-parallel derived:
     world_size / (etp * ep * pp)."""
 
     tp: int = doc("Tensor-parallel size (shards heads, MLP and vocabulary).", default=1)
     pp: int = doc("Pipeline-parallel size (stages of consecutive layers).", default=1)
+    cp: int = doc("Context-parallel size: each sequence split over cp ranks in megatron's load-balanced "
+                  "order (2*cp chunks, rank r holds chunks r and 2*cp-1-r); needs Transformer Engine "
+                  "attention on CUDA (refused otherwise).", default=1)
     vpp: int | None = doc("Virtual pipeline chunks per stage (interleaved 1F1B); None = off.", default=None)
     ep: int = doc("Expert-parallel size (MoE models: routed experts split over ep ranks).", default=1)
     etp: int | None = doc("Expert tensor-parallel size (MoE expert weights); None means tp.", default=None)
@@ -43,7 +46,7 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         if self.etp is None:
             self.etp = self.tp
-        for name in ("tp", "pp", "ep", "etp"):
+        for name in ("tp", "pp", "cp", "ep", "etp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name}={getattr(self, name)} must be >= 1")
         if self.vpp is not None:
@@ -58,16 +61,21 @@ class ParallelConfig:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
 
     def check_world_size(self, world_size: int) -> None:
-        if world_size % (self.tp * self.pp):
-            raise ValueError(
-                f"world size {world_size} is not divisible by parallel.tp * parallel.pp = "
-                f"{self.tp} * {self.pp}: launch a multiple of {self.tp * self.pp} processes "
-                "or change tp/pp")
+        dense = self.tp * self.pp * self.cp
+        if world_size % dense:
+            names, sizes = ("parallel.tp * parallel.pp", f"{self.tp} * {self.pp}") if self.cp == 1 else \
+                ("parallel.tp * parallel.pp * parallel.cp", f"{self.tp} * {self.pp} * {self.cp}")
+            raise ValueError(f"world size {world_size} is not divisible by {names} = {sizes}: launch a multiple "
+                             f"of {dense} processes or change {'tp/pp' if self.cp == 1 else 'tp/pp/cp'}")
         expert = self.etp * self.ep * self.pp
         if world_size % expert:
             raise ValueError(
                 f"world size {world_size} is not divisible by parallel.etp * parallel.ep * parallel.pp = "
                 f"{self.etp} * {self.ep} * {self.pp}: the expert layout needs a multiple of {expert} processes")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        """dp: the ranks that see different data (the cp ranks of a data-parallel rank see the same)."""
+        return world_size // (self.tp * self.pp * self.cp)
 
     def check_experts(self, num_experts: int, expert_ffn_size: int) -> None:
         """Layout constraints of a mixture of experts: experts over ep ranks, expert width over etp."""
@@ -114,6 +122,8 @@ class ParallelRuntime:
     pp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     mp_group: dist.ProcessGroup
+    cp_group: dist.ProcessGroup  # context parallel: the ranks splitting one sequence
+    dp_cp_group: dist.ProcessGroup  # dp x cp: megatron's DDP reduces gradients (and token counts) here
     embd_group: dist.ProcessGroup | None
     pg_collection: object  # megatron.core.process_groups_config.ProcessGroupCollection
     ep_group: dist.ProcessGroup | None = None  # expert parallel
@@ -134,8 +144,12 @@ class ParallelRuntime:
         return self.config.vpp
 
     @property
+    def cp(self) -> int:
+        return self.config.cp
+
+    @property
     def dp(self) -> int:
-        return self.world_size // (self.tp * self.pp)
+        return self.config.data_parallel_size(self.world_size)
 
     @property
     def ep(self) -> int:
@@ -160,6 +174,10 @@ class ParallelRuntime:
     @property
     def dp_rank(self) -> int:
         return dist.get_rank(self.dp_group)
+
+    @property
+    def cp_rank(self) -> int:
+        return dist.get_rank(self.cp_group)
 
     @property
     def is_first_stage(self) -> bool:
@@ -301,6 +319,7 @@ def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=config.tp,
         pipeline_model_parallel_size=config.pp,
+        context_parallel_size=config.cp,
         virtual_pipeline_model_parallel_size=config.vpp,
         expert_model_parallel_size=config.ep,
         expert_tensor_parallel_size=config.etp,
@@ -320,6 +339,8 @@ def init_parallel(config: ParallelConfig, seed: int = 1234) -> ParallelRuntime:
         pp_group=ps.get_pipeline_model_parallel_group(),
         dp_group=ps.get_data_parallel_group(),
         mp_group=ps.get_model_parallel_group(),
+        cp_group=ps.get_context_parallel_group(),
+        dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True),
         embd_group=ps.get_embedding_group(check_initialized=False),
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         ep_group=ps.get_expert_model_parallel_group(),

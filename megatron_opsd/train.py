@@ -90,7 +90,7 @@ def plan_run(cfg: JobConfig, world_size: int | None) -> Plan:
     dp = 1
     if world_size is not None:
         cfg.parallel.check_world_size(world_size)
-        dp = world_size // (cfg.parallel.tp * cfg.parallel.pp)
+        dp = cfg.parallel.data_parallel_size(world_size)
     if cfg.train.prompts_per_step % dp:
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not divisible by the "
                           f"data-parallel size {dp}: make it a multiple of {dp}")
@@ -281,7 +281,8 @@ class Trainer:
         return StepInputs(self.contexts, self.train_problems, self.tokenizer, self.runtime,
                           self.cfg.train.micro_batch_size, step=self.step + 1,
                           token_budget=self.cfg.train.max_tokens_per_micro_batch,
-                          generate=lambda prompts, keys: self.rollout.generate(prompts, self._sampling(), keys),
+                          generate=lambda prompts, keys: same_on_cp_ranks(
+                              self.rollout.generate(prompts, self._sampling(), keys), self.runtime),
                           samples_per_prompt=self.cfg.rollout.samples_per_prompt, reward_fn=self.plan.reward_fn)
 
     def _rollout_metrics(self, rollout: Rollout, rollout_s: float, start: float) -> dict:
@@ -385,6 +386,18 @@ class Trainer:
 
     def close(self) -> None:
         self.log.close()
+
+
+def same_on_cp_ranks(rollout: Rollout, runtime) -> Rollout:
+    """CP rank 0's rollout on every CP rank. They decode the same prompts separately (decoding is not
+    split over CP), so their samples agree only as far as their logits agree bit for bit, which the
+    collectives of two TP groups need not promise on GPUs; the contexts the CP ranks then split must be
+    one and the same."""
+    if runtime.cp == 1:
+        return rollout
+    box = [rollout]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(runtime.cp_group, 0), group=runtime.cp_group)
+    return box[0]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

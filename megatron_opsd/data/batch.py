@@ -20,7 +20,7 @@ exactly the tokens of the padded layout.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
@@ -235,3 +235,60 @@ def pad_to_lengths(batch: OPSDMicroBatch, student_len: int, teacher_len: int, pa
                           response_ids=batch.response_ids, loss_mask=batch.loss_mask,
                           student_index=batch.student_index, teacher_index=batch.teacher_index,
                           advantages=batch.advantages, old_logprobs=batch.old_logprobs)
+
+
+# ---- context parallelism: megatron's load-balanced sequence split ------------------------------------
+def context_parallel_positions(length: int, cp: int, cp_rank: int) -> torch.Tensor:
+    """The positions of a ``length``-token sequence that context-parallel rank ``cp_rank`` of ``cp`` holds,
+    in its local order. megatron's load-balanced split (Megatron-LM's ``get_batch_on_this_cp_rank``; its
+    RotaryEmbedding slices the RoPE table the same way) cuts the sequence into 2*cp equal chunks and
+    rank r keeps chunks r and 2*cp-1-r, so under a causal mask every rank has as much attention work.
+    ``length`` must be a multiple of 2*cp (``pad_for_layout`` pads to it)."""
+    if cp == 1:
+        return torch.arange(length)
+    if length % (2 * cp):
+        raise ValueError(f"length {length} is not a multiple of 2 * cp = {2 * cp}")
+    chunk = length // (2 * cp)
+    mirror = 2 * cp - 1 - cp_rank
+    return torch.cat([torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk),
+                      torch.arange(mirror * chunk, (mirror + 1) * chunk)])
+
+
+def split_for_context_parallel(batch: OPSDMicroBatch, cp: int, cp_rank: int) -> OPSDMicroBatch:
+    """This CP rank's part of a micro-batch, as megatron's ``get_batch_on_this_cp_rank``: each side's tokens
+    and position ids at ``context_parallel_positions`` [B, L/cp], the attention mask's query rows likewise
+    [B, 1, L/cp, L] (keys stay global). Response ids, loss mask and index maps stay whole: the index maps
+    hold global positions (``local_rows`` finds where this rank holds them)."""
+
+    def part(side: SideBatch) -> SideBatch:
+        if side.packed:
+            raise ValueError("packed micro-batches are not supported under context parallelism")
+        keep = context_parallel_positions(side.tokens.shape[1], cp, cp_rank).to(side.tokens.device)
+        return replace(side, tokens=side.tokens[:, keep], position_ids=side.position_ids[:, keep],
+                       attention_mask=side.attention_mask[:, :, keep])
+
+    return replace(batch, student=part(batch.student), teacher=part(batch.teacher))
+
+
+def local_rows(index: torch.Tensor, length: int, cp: int = 1, cp_rank: int = 0, shards: int = 1,
+               shard_rank: int = 0) -> torch.Tensor:
+    """Where this rank holds each global position of ``index`` [B, R] among its hidden-state rows: the
+    row, or -1 where another rank holds it. ``length``: the global sequence length. Context parallelism
+    keeps ``context_parallel_positions`` (cp, cp_rank); sequence parallelism then splits those rows into
+    ``shards`` contiguous parts (TP ranks) of which this rank holds part ``shard_rank``."""
+    held = context_parallel_positions(length, cp, cp_rank).to(index.device)
+    where = torch.full((length,), -1, dtype=torch.long, device=index.device)
+    where[held] = torch.arange(held.numel(), device=index.device)
+    per_shard = held.numel() // shards
+    row = where[index] - shard_rank * per_shard
+    return torch.where((where[index] >= 0) & (row >= 0) & (row < per_shard), row, -1)
+
+
+def context_parallel_share(mask: torch.Tensor, cp: int, cp_rank: int) -> torch.Tensor:
+    """``mask`` [B, R] keeping every cp-th scored token (row-major order, from the ``cp_rank``-th): the CP
+    ranks of a micro-batch score disjoint shares which together hold each token once."""
+    if cp == 1:
+        return mask
+    scored = mask.flatten() != 0
+    ordinal = scored.long().cumsum(0) - 1
+    return mask * (scored & (ordinal % cp == cp_rank)).view_as(mask).to(mask.dtype)

@@ -84,6 +84,7 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
 
     runtime.config.check_model(model.num_hidden_layers, model.num_attention_heads,
                                model.num_key_value_heads)
+    check_context_parallel(runtime.config.cp, build)
     dtype = DTYPES[build.dtype]
     on_gpu = torch.cuda.is_available()
     recompute = {}
@@ -111,6 +112,7 @@ def transformer_config(model: ModelConfig, runtime: ParallelRuntime, build: Mode
         perform_initialization=build.init_weights,
         tensor_model_parallel_size=runtime.tp,
         pipeline_model_parallel_size=runtime.pp,
+        context_parallel_size=runtime.config.cp,
         virtual_pipeline_model_parallel_size=runtime.vpp,
         sequence_parallel=runtime.config.sequence_parallel,
         params_dtype=dtype,
@@ -179,6 +181,15 @@ def use_transformer_engine(build: ModelBuildConfig) -> bool:
         raise ValueError("model_build.transformer_engine=on but Transformer Engine is not importable, "
                          "CUDA is absent, or megatron-core cannot use the installed TE: use auto or off")
     return use_te
+
+
+def check_context_parallel(cp: int, build: ModelBuildConfig) -> None:
+    """megatron-core 0.16.1 implements context parallelism only inside Transformer Engine attention
+    (``TEDotProductAttention`` with a CP group); the local spec's attention asserts CP size 1."""
+    if cp > 1 and not use_transformer_engine(build):
+        raise ValueError(f"parallel.cp={cp} needs Transformer Engine attention on CUDA (megatron-core has "
+                         "context parallelism only there) and Transformer Engine is not importable here, CUDA "
+                         "is absent or model_build.transformer_engine=off: set parallel.cp: 1")
 
 
 def layer_spec(model: ModelConfig, build: ModelBuildConfig, config=None, runtime: ParallelRuntime | None = None,

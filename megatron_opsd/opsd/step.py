@@ -10,6 +10,18 @@ so teacher activations are never stored for backward. With sequence parallelism 
 state between layers is a sequence shard [L/TP, B, H] (both lengths are padded to a multiple of TP),
 so the message is cat([student shard, teacher shard]) [(L_s + L_t)/TP, B, H], split at L_s/TP.
 
+Context parallelism (CP, Transformer Engine attention only): each context is padded to a multiple of
+2*CP (times TP under SP) and every CP rank runs the positions megatron's load-balanced split gives it
+(``split_for_context_parallel``: chunks r and 2*CP-1-r of 2*CP) [L/CP, B, H]; the two contexts are split
+separately, so the message is cat([student part, teacher part]) [(L_s + L_t)/CP, B, H] (/TP with SP).
+Attention exchanges keys and values over CP inside TE (with RoPE sliced alike by megatron). Per
+micro-batch and context on the last stage: one all-reduce of [B, R, H] over CP (TP x CP with SP) to
+select the response rows (``ResponseProjection``), and one of its gradient in backward; each CP rank
+then projects and scores a disjoint share of the response tokens (every CP-th), so the vocabulary
+projection is not repeated CP times (the materialised reference path computes every row's logits on
+each CP rank and scores its share). Rollouts decode without CP: every CP rank samples the same
+responses, as TP peers do.
+
 On the last stage the output layer runs only at the response positions of each context (a forward
 pre-hook selects them). By default (``loss.fused_projection``) it does not even run there: the hidden
 states at those positions go to the loss, which projects student and teacher onto the vocabulary shard
@@ -22,8 +34,10 @@ OPSD's: ``vocab_parallel_divergence`` or a variant) summed over response tokens.
 Normalisation: the loss is the mean over every response token of the step, across all micro-batches
 and data-parallel ranks. Each micro-batch's loss function returns (sum over its tokens, its token
 count); with ``calculate_per_token_loss`` megatron-core's ``finalize_model_grads`` divides the summed
-gradients by the token count summed over micro-batches and DP ranks. Loss and gradients therefore do
-not depend on the layout or the number of micro-batches.
+gradients by the token count summed over micro-batches and DP ranks. Under CP megatron's DDP sums the
+gradients over DP x CP and the token counts too: the CP ranks' loss sums are their shares' and CP rank
+0 alone counts the micro-batch's tokens. Loss and gradients therefore do not depend on the layout or
+the number of micro-batches.
 
 Mixtures of experts: both contexts are routed; megatron-core's routers attach the student's
 load-balancing loss (coefficient ``router_aux_loss_coef``) to its routing probabilities, only when
@@ -45,7 +59,8 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from megatron_opsd.data.batch import OPSDMicroBatch, gather_response_positions, pad_to_lengths
+from megatron_opsd.data.batch import (OPSDMicroBatch, context_parallel_share, gather_response_positions, local_rows,
+                                      pad_to_lengths, split_for_context_parallel)
 from megatron_opsd.engine import forward_backward
 from megatron_opsd.losses import vocab_parallel_token_logprobs
 from megatron_opsd.losses.projected import projected_token_loss
@@ -76,6 +91,13 @@ class ResponseProjection:
     context on the last stage: forward, one all-reduce of B*R*H over TP (instead of the all-gather of
     L*B*H); backward (student), one all-reduce of the [B, R, H] gradient over TP (instead of the
     reduce-scatter of [L, B, H]), from which each rank keeps its own rows. The same in both paths.
+
+    Context parallelism is the same pattern over the CP group (over TP x CP with sequence parallelism
+    too): this rank holds the positions ``context_parallel_positions`` [L/CP, B, H] (then its TP part
+    of them under SP), ``local_rows`` maps the response positions to those rows, and one all-reduce of
+    B*R*H over CP (TP x CP) assembles [B, R, H] on every rank; backward, one all-reduce of its gradient
+    there. Each CP rank then scores its own share of the response tokens (``context_parallel_share``),
+    so the rows' gradient is the sum of the CP ranks' parts, which that all-reduce forms.
     """
 
     def __init__(self, chunk: torch.nn.Module):
@@ -85,6 +107,7 @@ class ResponseProjection:
         output_layer = getattr(chunk, "output_layer", None)
         if output_layer is not None and getattr(chunk, "post_process", False):
             self._sequence_parallel = bool(getattr(output_layer, "sequence_parallel", False))
+            self._shards, self._shard_group = _sequence_shards(chunk.pg_collection, self._sequence_parallel)
             output_layer.register_forward_pre_hook(self._select, with_kwargs=True)
             # a weak reference: the layer holds this object (its forward), so a strong one back would
             # make a cycle and keep a dropped model's weights alive until the cyclic GC runs
@@ -96,8 +119,8 @@ class ResponseProjection:
         if self.index is None:
             return None
         hidden_lbh = args[0]
-        if self._sequence_parallel:
-            selected_brh = _gather_from_sequence_shards(hidden_lbh, self.index, self._tp_group)
+        if self._shard_group is not None:
+            selected_brh = _gather_from_sequence_shards(hidden_lbh, self.index, self._shard_group, **self._shards)
         else:
             selected_brh = gather_response_positions(hidden_lbh, self.index)
         return (selected_brh.transpose(0, 1).contiguous(), *args[1:]), kwargs
@@ -144,20 +167,32 @@ class _ReduceGradOverTP(torch.autograd.Function):
         return grad, None
 
 
-def _gather_from_sequence_shards(hidden_lbh: torch.Tensor, index: torch.Tensor, group) -> torch.Tensor:
-    """``gather_response_positions`` of the whole sequence, given this rank's shard [L/TP, B, H] of it
-    (rank ``r`` holds positions ``r*L/TP .. (r+1)*L/TP - 1``): [B, R, H] on every rank."""
+def _sequence_shards(pg_collection, sequence_parallel: bool) -> tuple[dict, dist.ProcessGroup | None]:
+    """How the last stage's hidden states are split over ranks (``local_rows``' arguments), and the
+    group whose ranks hold the other parts: TP (sequence parallelism), CP, TP x CP, or None (whole)."""
+    cp, tp = pg_collection.cp.size(), pg_collection.tp.size()
+    shards = dict(cp=cp, cp_rank=pg_collection.cp.rank(), shards=tp if sequence_parallel else 1,
+                  shard_rank=pg_collection.tp.rank() if sequence_parallel else 0)
+    if sequence_parallel:
+        return shards, pg_collection.tp_cp if cp > 1 else pg_collection.tp
+    return shards, pg_collection.cp if cp > 1 else None
+
+
+def _gather_from_sequence_shards(hidden_lbh: torch.Tensor, index: torch.Tensor, group, **shards) -> torch.Tensor:
+    """``gather_response_positions`` of the whole sequence, given this rank's part [L/(CP*TP), B, H] of it
+    (``local_rows``: under SP rank ``r`` of TP holds rows ``r*L/TP .. (r+1)*L/TP - 1`` of the CP rank's
+    positions): [B, R, H] on every rank of ``group``."""
     local = hidden_lbh.shape[0]
-    start = dist.get_rank(group) * local
-    own_br = (index >= start) & (index < start + local)
-    picked = gather_response_positions(hidden_lbh, (index - start).clamp(0, local - 1))
-    return _SumOverTP.apply(picked * own_br[..., None].to(picked.dtype), group)
+    rows_br = local_rows(index, local * shards["cp"] * shards["shards"], **shards)
+    own_br = rows_br >= 0
+    picked = gather_response_positions(hidden_lbh, rows_br.clamp(min=0))
+    return _SumOverRanks.apply(picked * own_br[..., None].to(picked.dtype), group)
 
 
-class _SumOverTP(torch.autograd.Function):
-    """All-reduce (sum) over the TP group in forward, and of the gradient in backward: every rank
-    computes its vocabulary shard's part of the loss from the same rows, so each row's gradient is
-    the sum of the ranks' parts."""
+class _SumOverRanks(torch.autograd.Function):
+    """All-reduce (sum) over ``group`` (TP, CP or TP x CP) in forward, and of the gradient in backward:
+    every TP rank computes its vocabulary shard's part of the loss from the same rows, every CP rank
+    its share of the tokens, so each row's gradient is the sum of the ranks' parts."""
 
     @staticmethod
     def forward(ctx, x, group):
@@ -279,7 +314,7 @@ def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logit
 
     The reference path (``loss.fused_projection: false``); ``projected_loss_func`` is the default.
     """
-    mask, method = batch.loss_mask, ctx.method
+    mask, method = _scored_share(ctx, batch.loss_mask), ctx.method
     stats: dict = {}
     policy = None if batch.advantages is None else PolicyInputs(batch.advantages, batch.old_logprobs, mask)
     per_token = method.token_loss(ctx, batch.response_ids, student_logits, teacher_logits, policy, stats)
@@ -299,7 +334,7 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
     Only the response tokens (loss mask != 0) are projected, chunk by chunk, inside the loss
     (``losses.projected``): logits exist for one chunk at a time, for student and teacher alike.
     """
-    mask_n = batch.loss_mask.flatten()
+    mask_n = _scored_share(ctx, batch.loss_mask).flatten()
     rows = mask_n.nonzero().squeeze(1)
     hidden_s = student_hidden.flatten(0, 1).index_select(0, rows)
     hidden_t = None if teacher_hidden is None else teacher_hidden.flatten(0, 1).index_select(0, rows)
@@ -328,11 +363,22 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
     return _loss_output(ctx, index, batch, loss_sum, sums)
 
 
+def _scored_share(ctx: StepContext, loss_mask: torch.Tensor) -> torch.Tensor:
+    """The response tokens this rank scores: all of them, or under context parallelism this CP rank's
+    share (the CP ranks of a micro-batch hold the same [B, R, H] rows and score disjoint shares; their
+    loss sums and metric sums add up over CP, as megatron-core sums gradients and token counts over DP x CP)."""
+    return context_parallel_share(loss_mask, ctx.runtime.cp, ctx.runtime.cp_rank)
+
+
 def _loss_output(ctx: StepContext, index: int, batch: OPSDMicroBatch, loss_sum: torch.Tensor, detailed: dict):
     """(loss sum, normaliser, metrics): the normaliser is the method's, the token count or for Dr.GRPO
-    the number of responses times the token budget (megatron-core divides the gradients by its global sum)."""
+    the number of responses times the token budget (megatron-core divides the gradients by its global sum,
+    over DP x CP: under context parallelism CP rank 0 counts the micro-batch's normaliser and tokens, the
+    others 0)."""
     num_tokens = batch.loss_mask.sum()
     normalizer = ctx.method.normalizer(ctx, batch)
+    if ctx.runtime.cp_rank:
+        num_tokens, normalizer = torch.zeros_like(num_tokens), torch.zeros_like(normalizer)
     metrics = {"loss_sum": loss_sum.detach(), "tokens": num_tokens.detach(), "normalizer": normalizer.detach(),
                **detailed}
     if not torch.isfinite(loss_sum):
@@ -356,7 +402,8 @@ def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_
     """Interleaved pipelines: every micro-batch of the step one length (fixed-shape messages), and their
     number a multiple of PP (megatron runs them in groups of PP; token-budget batching makes the
     number vary): fully masked copies fill it up. Sequence parallelism: each context's length a
-    multiple of TP (the embedding scatters it over TP ranks). Expert parallelism: every rank of an
+    multiple of TP (the embedding scatters it over TP ranks); context parallelism: of 2 * CP (times TP
+    with SP; ``split_for_context_parallel`` cuts it into 2 * CP chunks). Expert parallelism: every rank of an
     expert-parallel group runs as many forwards and backwards (each one's token all-to-all needs all of
     them), so a data-parallel rank with fewer micro-batches (token budget, dropped pairs) gets fully
     masked copies up to the most of any rank (their routed pad tokens reach the aux loss only)."""
@@ -365,7 +412,7 @@ def pad_for_layout(batches: list[OPSDMicroBatch], runtime: ParallelRuntime, pad_
         dist.all_reduce(most, op=dist.ReduceOp.MAX, group=runtime.dp_group)
         empty = replace(batches[-1], loss_mask=torch.zeros_like(batches[-1].loss_mask))
         batches = batches + [empty] * (int(most.item()) - len(batches))
-    multiple = runtime.tp if runtime.config.sequence_parallel else 1
+    multiple = (runtime.tp if runtime.config.sequence_parallel else 1) * (2 * runtime.cp if runtime.cp > 1 else 1)
 
     def rounded(n: int) -> int:
         return -(-n // multiple) * multiple
@@ -388,11 +435,14 @@ def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: l
     runtime = ctx.runtime
     batches = pad_for_layout(batches, runtime, pad_id)
     batches = [b.to(runtime.device) for b in batches]
-    items = list(enumerate(batches))
-    iterators = [iter(items) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(items)
-    # the stage message: the student context, and the teacher's when there is a teacher (not in sft)
+    # the stage message: the student context, and the teacher's when there is a teacher (not in sft);
+    # whole lengths (megatron divides them by CP, and by TP under SP)
     longest = max(b.student.tokens.shape[1] + (b.teacher.tokens.shape[1] if ctx.teacher is not None else 0)
                   for b in batches)
+    if runtime.cp > 1:
+        batches = [split_for_context_parallel(b, runtime.cp, runtime.cp_rank) for b in batches]
+    items = list(enumerate(batches))
+    iterators = [iter(items) for _ in ddp_chunks] if len(ddp_chunks) > 1 else iter(items)
     moe = moe_layer_count(ddp_chunks)
     if moe:
         clear_moe_aux_losses()
@@ -448,7 +498,8 @@ METRIC_KEYS = ("loss_sum", "tokens", "normalizer", "entropy_student_sum", "entro
 
 
 def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
-    """Sum the micro-batch metrics over micro-batches and DP ranks; share them with every stage."""
+    """Sum the micro-batch metrics over micro-batches and DP x CP ranks (CP ranks score disjoint shares of
+    their DP rank's tokens, CP rank 0 counts them); share them with every stage."""
     sums = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)  # filled on the CPU, reduced on the device
     present = torch.zeros(len(METRIC_KEYS), dtype=torch.float64)
     for item in stored:
@@ -461,10 +512,10 @@ def reduce_metrics(stored: list[dict], runtime: ParallelRuntime) -> dict:
     if runtime.pp > 1:  # metrics exist on the last stage only
         dist.broadcast(both, src=runtime.last_stage_global_rank, group=runtime.pp_group)
     sums, flags = both.split([len(METRIC_KEYS), len(METRIC_KEYS) + 1])
-    dist.all_reduce(sums, group=runtime.dp_group)
+    dist.all_reduce(sums, group=runtime.dp_cp_group)
     # a metric reported by any DP rank is reported (a rank whose micro-batches hold no response token
     # has no per-chunk metrics in the fused path)
-    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.dp_group)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=runtime.dp_cp_group)
     present, bad = flags.split([len(METRIC_KEYS), 1])
     if bad.item():
         raise NonFiniteError(f"non-finite loss in micro-batch {int(bad.item()) - 1} (of some data-parallel "

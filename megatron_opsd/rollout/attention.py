@@ -68,6 +68,10 @@ class RolloutAttention:
     def install(self) -> None:
         for model in self.models:
             self._handles.append(model.decoder.register_forward_pre_hook(_drop_rotary, with_kwargs=True))
+            # GPTModel's table would be dropped there: not computing it also keeps megatron from slicing
+            # it for context parallelism (which needs lengths that split into 2*CP chunks; decoding does not)
+            model.rotary_pos_emb.forward = _no_table
+            self._overridden.append(model.rotary_pos_emb)
             for layer in model.decoder.layers:
                 core = layer.self_attention.core_attention
                 core.forward = _bind(self._attend, core)
@@ -84,7 +88,8 @@ class RolloutAttention:
 
     def prepare(self, max_positions: int) -> None:
         """RoPE angles [max_positions, 1, d] from the model's own rotary module (scaling included)."""
-        self._freqs_n1d = self.models[0].rotary_pos_emb(max_positions)[:, 0]
+        # get_emb: the whole table (megatron's forward keeps this rank's part under context parallelism)
+        self._freqs_n1d = self.models[0].rotary_pos_emb.get_emb(max_positions)[:, 0]
 
     def set_inputs(self, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor, dtype: torch.dtype) -> None:
         """Per forward: each new token's position [b, s] and the attention mask (True = attend)."""
@@ -142,6 +147,10 @@ def _bind(fn, core):
         return fn(core, *args, **kwargs)
 
     return forward
+
+
+def _no_table(*args, **kwargs) -> None:
+    return None
 
 
 def _drop_rotary(module, args, kwargs):

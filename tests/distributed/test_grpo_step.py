@@ -1,4 +1,4 @@
-"""The GRPO step: equal to plain fp64 GRPO on the HF model at TP1/TP2/PP2/DP2 (KL to theta_0: k3, exact forward
+"""The GRPO step: equal to plain fp64 GRPO on the HF model at TP1/TP2/PP2/DP2/CP2 (KL to theta_0: k3, exact forward
 and reverse KL); opsd+grpo's limits."""
 
 from __future__ import annotations
@@ -25,6 +25,6 @@ def test_grpo_step_matches_plain_pytorch_and_opsd_grpo_limits():
 def test_grpo_step_matches_across_layouts():
     out = run_torchrun(WORKER, 2)
     assert "grpo_step layouts: all checks passed" in out, out[-5000:]
-    for layout in ("TP2", "PP2", "DP2"):
+    for layout in ("TP2", "PP2", "DP2", "CP2"):
         assert f"[grpo kl] {layout}" in out and f"[dr_grpo] {layout}" in out, out[-3000:]
         assert f"[grpo forward_kl] {layout}" in out and f"[grpo reverse_kl] {layout}" in out, out[-3000:]

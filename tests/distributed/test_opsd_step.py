@@ -21,7 +21,9 @@ def test_opsd_step_is_layout_invariant(tmp_path):
     for layout in ("TP2 ", "TP2 recompute", "PP2 ", "TP2xPP2", "PP2xVPP2", "TP4", "DP4", "teacher=initial",
                    "teacher=ema", "TP2+SP ", "TP2+SPxPP2 ", "TP4+SP", "TP2+SP materialised", "TP2+SPxPP2xVPP2",
                    "[sft] PP2xVPP2", "[sft] TP2+SPxPP2xVPP2", "[opsd] packed TP2+SP", "[opsd] packed PP2xVPP2",
-                   "[sft] packed PP2 "):
+                   "[sft] packed PP2 ", "CP2 ", "TP2xCP2", "TP2+SPxCP2", "CP2xPP2 ", "CP2xPP2xVPP2", "CP2 materialised",
+                   "CP2 every gradient", "[sft] CP2", "CP2 checkpoint resumed at CP2",
+                   "CP2 checkpoint resumed at CP1"):
         assert layout in out, f"{layout!r} did not run:\n{out[-5000:]}"
 
 

@@ -17,5 +17,5 @@ def test_rollout_layouts_match_tp1_and_hf():
     assert "rollout: all checks passed" in out, out[-5000:]
     for line in ("sampler TP2", "sampler TP4", "TP2xPP2 ", "kv==nocache", "vs trainer", "shared-prefill==independent",
                  "TP2 ", "TP2+SPxPP2", "TP4 ", "PP2 ",
-                 "PP2xVPP2", "TP1 (DP4)"):
+                 "PP2xVPP2", "TP1 (DP4)", "TP2xCP2"):
         assert line in out, f"check {line!r} did not run:\n{out[-5000:]}"

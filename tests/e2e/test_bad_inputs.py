@@ -217,6 +217,8 @@ def _cases(base: dict, work: Path) -> list[dict]:
         case("max_seq_len_over_positions", ["--data.max_seq_len", "4096"],
              "data.max_seq_len=4096 exceeds the model's max_position_embeddings=1024"),
         case("world_size", ["--parallel.tp", "2"], "world size 3 is not divisible by parallel.tp", env={"WORLD_SIZE": "3"}),
+        # (this machine has no Transformer Engine on CUDA, which megatron-core's context parallelism needs)
+        case("cp_without_te", ["--parallel.cp", "2"], "parallel.cp=2 needs Transformer Engine attention on CUDA"),
         case("prompts_per_step_vs_dp", ["--train.prompts_per_step", "3"],
              "train.prompts_per_step=3 is not divisible by the data-parallel size 2", env={"WORLD_SIZE": "2"}),
         case("eval_fallback_value", ["--train.eval_answer_fallback", "guess"], "train.eval_answer_fallback: 'guess'"),
@@ -319,7 +321,8 @@ CASE_NAMES = [
     "data_jsonl_not_utf8", "data_json_not_utf8", "data_bad_json_line", "data_missing_field", "data_missing_file",
     "data_unknown_suffix", "data_broken_parquet", "eval_without_answers", "yaml_broken", "yaml_not_utf8",
     "yaml_top_level_list", "config_missing", "unknown_key", "wrong_type", "override_unparsable", "rollout_top_p",
-    "rollout_top_k", "tp_heads", "tp_ffn", "max_seq_len_over_positions", "world_size", "prompts_per_step_vs_dp",
+    "rollout_top_k", "tp_heads", "tp_ffn", "max_seq_len_over_positions", "world_size", "cp_without_te",
+    "prompts_per_step_vs_dp",
     "eval_fallback_value", "load_missing_value", "load_converted", "load_empty", "load_missing", "load_run_root",
     "load_step_dir", "load_hf_dir", "load_file", "train_load_hf", "train_load_empty", "opd_teacher_missing",
     "latest_not_text", "latest_dangling", "latest_junk", "latest_deleted", "distcp_deleted", "distcp_truncated",

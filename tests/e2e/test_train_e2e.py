@@ -16,10 +16,10 @@ CONFIG = Path(__file__).parent / "tiny.yaml"
 
 
 def train(tmp: Path, nprocs: int, *overrides: str, fault: str | None = None, expect_rc: int = 0,
-          name: str = "run") -> tuple[str, Path]:
+          name: str = "run", entry: tuple[str, ...] = ("-m", "megatron_opsd.train")) -> tuple[str, Path]:
     run = tmp / name
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nprocs}",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "megatron_opsd.train",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", *entry,
            "--config", str(CONFIG), "--checkpoint.dir", str(run / "ckpt"), "--logging.dir", str(run / "logs"),
            *overrides]
     env = {"MEGATRON_OPSD_FAULT": fault} if fault else None
@@ -199,3 +199,19 @@ def test_sequence_parallel_with_token_budget_batching_trains_like_plain_tp2(tmp_
                        "--train.max_tokens_per_micro_batch", "200", name="sp")
     a, b = train_losses(plain)[1], train_losses(sp)[1]
     assert abs(a - b) <= 1e-5 * abs(a) + 1e-6, (a, b, out_sp[-3000:])
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_context_parallel_trains_like_plain_tp2(tmp_path):
+    """TP2 x CP2 (the test-only all-gather attention: this machine has no Transformer Engine) against plain
+    TP2, DP2 over the same 4 processes: the same rollouts (CP ranks share CP rank 0's), the same first
+    two steps' losses; evaluation decodes without CP."""
+    common = ("--train.steps", "2", "--logging.tensorboard", "false", "--checkpoint.save_every", "0")
+    out, plain = train(tmp_path, 4, *common, name="plain")
+    out_cp, cp = train(tmp_path, 4, *common, "--parallel.cp", "2", name="cp",
+                       entry=(str(Path(__file__).parent / "cp_train.py"),))
+    a, b = train_losses(plain), train_losses(cp)
+    assert sorted(a) == sorted(b) == [1, 2], (a, b, out_cp[-3000:])
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]) + 1e-6, (step, a, b, out_cp[-3000:])

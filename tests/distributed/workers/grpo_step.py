@@ -1,4 +1,4 @@
-"""The GRPO step against an independent fp64 computation on the HF model, at TP1, TP2, PP2 and DP2.
+"""The GRPO step against an independent fp64 computation on the HF model, at TP1, TP2, PP2, DP2 and CP2.
 
 Fixed samples (3 groups of n=2 responses; one group's rewards are equal), fixed rewards, old log-probs
 = the model's own plus noise of +-0.4 (so the ratio leaves [0.8, 1.2] and the clip is active), and a
@@ -40,6 +40,7 @@ from megatron_opsd.opsd import FrozenTeacher, LossConfig, StepContext, Teacher  
 from megatron_opsd.methods.grpo import group_advantages  # noqa: E402
 from megatron_opsd.opsd.step import run_schedule, zero_grads  # noqa: E402
 from megatron_opsd.parallel import ParallelConfig, init_parallel  # noqa: E402
+from tests.cp_attention import use_cp_test_attention  # noqa: E402
 from tests.hf_fixtures import build_hf_model  # noqa: E402
 
 N, CLIP_EPS, KL_COEF, BUDGET = 2, 0.2, 0.1, 16
@@ -144,10 +145,10 @@ def batches(triples, old, runtime, num_microbatches, *, grpo_contexts=True, dr_g
                           old_logprobs=old[lo + i * size:lo + (i + 1) * size]) for i in range(num_microbatches)]
 
 
-def step(cfg, full, full0, triples, old, loss_cfg, *, tp=1, pp=1, num_microbatches=2, grpo_contexts=True,
+def step(cfg, full, full0, triples, old, loss_cfg, *, tp=1, pp=1, cp=1, num_microbatches=2, grpo_contexts=True,
          teacher="theta0"):
     # all-reduced (not reduce-scattered) gradients: every DP rank holds all of them, to be compared
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, use_distributed_optimizer=False), seed=0)
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, cp=cp, use_distributed_optimizer=False), seed=0)
     chunks = build_model(cfg, runtime)
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp, tied=cfg.tie_word_embeddings)
     ddp = wrap_ddp(chunks, runtime)
@@ -236,7 +237,9 @@ def main() -> None:
         combined_checks(cfg, full, full0, triples, old)
         rank_print("grpo_step single: all checks passed")
         return
-    for layout, kwargs in (("TP2", dict(tp=2)), ("PP2", dict(pp=2)), ("DP2", dict(num_microbatches=3))):
+    use_cp_test_attention()  # CP2: the test-only all-gather attention (tests/cp_attention.py)
+    for layout, kwargs in (("TP2", dict(tp=2)), ("PP2", dict(pp=2)), ("DP2", dict(num_microbatches=3)),
+                           ("CP2", dict(cp=2))):
         check_against_reference(cfg, full, full0, triples, old, refs, layout, kwargs)
     dist.barrier()
     rank_print("grpo_step layouts: all checks passed")

@@ -4,7 +4,9 @@ One 4-process launch. The same weights and the same global batch of 8 OPSD pairs
 longer than student prompts, responses of different lengths) run under TP1PP1 (the reference),
 TP2, PP2, TP2xPP2, PP2xVPP2, DP2 and DP4, with 4 micro-batches, and TP1 with 1 micro-batch. The loss
 and the global gradient norm (before clipping) must agree within 1e-5 relative (fp32, reduction
-orders differ), and one optimizer step must move the student only.
+orders differ), and one optimizer step must move the student only. Context parallelism (CP2, TP2xCP2,
+TP2+SPxCP2, CP2xPP2) runs with the test-only all-gather attention (tests/cp_attention.py) against the
+TP1 run with megatron's own attention; at CP2 every gradient is compared too.
 
 usage: torchrun --nproc_per_node=4 opsd_step.py
 """
@@ -16,11 +18,13 @@ import gc
 import json
 import os
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from common import rank_print, tiny_llama, unsharded_params
+from common import main_grad, rank_print, tiny_llama, unsharded_params
+from megatron_opsd import checkpoint as ckpt
 from megatron_opsd.data.batch import collate_pairs, token_budget_groups
 from megatron_opsd.data.contexts import build_pair
 from megatron_opsd.engine import OptimConfig, build_optimizer, wrap_ddp
@@ -31,6 +35,7 @@ from megatron_opsd.opsd import AdapterTeacher, EMATeacher, FrozenTeacher, LossCo
 from megatron_opsd.opsd.step import train_step
 from megatron_opsd.opsd.teacher import check_teacher_isolated
 from megatron_opsd.parallel import ParallelConfig, init_parallel
+from tests.cp_attention import use_cp_test_attention
 
 RTOL = 1e-5
 NUM_PAIRS, PAD = 8, 0
@@ -74,13 +79,16 @@ def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
     return {key: torch.randn(shape, generator=gen) * 0.2 for key, shape in peft_shapes(model_cfg, lora).items()}
 
 
-def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False, num_microbatches=4,
+def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False, cp=1, num_microbatches=4,
              teacher_mode="live", recompute="none", empty_dp_rank=None, lora=None, materialised=False, pack=False,
-             budget=None):
+             budget=None, grads=None):
+    """``grads``: a dict to fill with every parameter's gradient of the step (TP1/PP1 only: whole tensors;
+    the optimizer is then not distributed, so every rank holds all of them)."""
     one_step.calls += 1
     if materialised:
         loss_cfg = dataclasses.replace(loss_cfg, fused_projection=False)
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=5)
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, cp=cp,
+                                           use_distributed_optimizer=grads is None), seed=5)
     chunks = build_model(model_cfg, runtime, ModelBuildConfig(recompute=recompute))
     load_unsharded(chunks, full, runtime.tp_rank, runtime.tp)
     if lora is not None:
@@ -108,6 +116,8 @@ def one_step(model_cfg, full, pairs, loss_cfg, *, tp=1, pp=1, vpp=None, sp=False
     if runtime.dp_rank == empty_dp_rank:  # this rank's micro-batches hold no response token
         batches = [dataclasses.replace(b, loss_mask=torch.zeros_like(b.loss_mask)) for b in batches]
     metrics = train_step(ctx, ddp, optimizer, batches, pad_id=PAD, clip_grad=1.0)
+    if grads is not None:
+        grads.update({name: main_grad(p).detach().clone() for name, p in ddp[0].named_parameters()})
     after = [p.detach() for c in teacher_chunks for p in c.parameters()]
     moved = any(not torch.equal(a, b) for a, b in zip(before, after))
     for chunk in teacher_chunks if lora is None else []:  # (a LoRA teacher is the student with adapters off)
@@ -144,6 +154,10 @@ LAYOUTS = [("TP2", dict(tp=2)), ("TP2 recompute", dict(tp=2, recompute="full")),
            ("TP2+SP materialised", dict(tp=2, sp=True, materialised=True)),
            ("TP2+SPxPP2xVPP2", dict(tp=2, pp=2, vpp=2, sp=True, num_microbatches=2))]
 SP_LAYOUTS = [layout for layout in LAYOUTS if layout[1].get("sp")]
+# context parallelism with the test-only all-gather attention (CP2 is DP2 x CP2 on 4 processes)
+CP_LAYOUTS = [("CP2", dict(cp=2, grads={})), ("TP2xCP2", dict(tp=2, cp=2)), ("TP2+SPxCP2", dict(tp=2, cp=2, sp=True)),
+              ("CP2xPP2", dict(cp=2, pp=2)), ("CP2xPP2xVPP2", dict(cp=2, pp=2, vpp=2, num_microbatches=2)),
+              ("CP2 materialised", dict(cp=2, materialised=True))]
 # packed micro-batches (2 pairs each) on pairs whose lengths differ 10x, vs padded TP1
 PACKED_LAYOUTS = [("packed TP2", dict(tp=2)), ("packed TP2+SP", dict(tp=2, sp=True)), ("packed PP2", dict(pp=2)),
                   ("packed PP2xVPP2", dict(pp=2, vpp=2)),
@@ -164,6 +178,9 @@ def reference(path: str) -> None:
     """World of one: TP1/PP1/DP1 with 4 micro-batches (and 1 micro-batch, which must agree)."""
     model_cfg, full, pairs = setup()
     out = {}
+    grads = {}
+    one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), grads=grads)
+    torch.save(grads, path + ".grads.pt")
     for name, fields in LOSS_CONFIGS.items():
         ref, _ = one_step(model_cfg, full, pairs, LossConfig(**fields))
         single, _ = one_step(model_cfg, full, pairs, LossConfig(**fields), num_microbatches=1)
@@ -197,12 +214,46 @@ def reference(path: str) -> None:
     print("opsd_step reference: done")
 
 
+def cp_resume(model_cfg, full, pairs, root: str) -> None:
+    """A training checkpoint written at CP2 (DP2 x CP2) resumes at CP2 and at CP1 (DP4): the next step
+    equals the uninterrupted one's (the CP ranks of a DP rank save one RNG state between them)."""
+    loss_cfg = LossConfig(**LOSS_CONFIGS["forward_kl clip"])
+
+    def run(cp: int, load: str | None = None, save: str | None = None) -> dict:
+        runtime = init_parallel(ParallelConfig(cp=cp), seed=5)
+        chunks = build_model(model_cfg, runtime, ModelBuildConfig())
+        load_unsharded(chunks, full, runtime.tp_rank, runtime.tp)
+        ddp = wrap_ddp(chunks, runtime)
+        optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=1e-2, clip_grad=1.0))
+        ctx = StepContext(runtime=runtime, loss=loss_cfg, temperature=1.1, vocab_size=model_cfg.vocab_size,
+                          teacher=Teacher(ddp))
+        if load is not None:
+            ckpt.load_training(ckpt.step_dir(Path(load), 1), chunks=ddp, optimizer=optimizer, teacher_chunks=None,
+                               runtime=runtime)
+        else:
+            train_step(ctx, ddp, optimizer, micro_batches(pairs, runtime, 2), pad_id=PAD, clip_grad=1.0)
+        if save is not None:
+            ckpt.save_training(save, 1, chunks=ddp, optimizer=optimizer, teacher_chunks=None, runtime=runtime,
+                               model=model_cfg, common={}, keep_last=0)
+        metrics = train_step(ctx, ddp, optimizer, micro_batches(pairs[::-1], runtime, 2), pad_id=PAD, clip_grad=1.0)
+        runtime.destroy()
+        return metrics
+
+    want = run(2, save=root)
+    for cp in (2, 1):
+        got = run(cp, load=root)
+        assert close(got["loss"], want["loss"]) and close(got["grad_norm"], want["grad_norm"]), (cp, got, want)
+        rank_print(f"CP2 checkpoint resumed at CP{cp}: step 2 loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   "equals the uninterrupted run")
+
+
 def os_threads() -> int:
     return len(os.listdir(f"/proc/{os.getpid()}/task"))
 
 
 def layouts(path: str) -> None:
     model_cfg, full, pairs = setup()  # one init/destroy cycle of the parallel state
+    use_cp_test_attention()
     threads_before = os_threads()
     with open(path) as f:
         refs = json.load(f)
@@ -217,8 +268,27 @@ def layouts(path: str) -> None:
             assert got["response_tokens"] == ref["response_tokens"]
             assert ok, f"{name} {layout}: {got} vs reference {ref}"
 
-    # SFT (no teacher): interleaved (its stage messages hold the student only) and sequence parallel
-    for layout, kwargs in [LAYOUTS[4], *SP_LAYOUTS[:3], SP_LAYOUTS[-1]]:
+    # context parallelism: loss, grad norm and metrics as TP1; at CP2 (DP2 x CP2) every gradient too
+    ref = refs["forward_kl clip"]
+    for layout, kwargs in CP_LAYOUTS:
+        got, _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS["forward_kl clip"]), **kwargs)
+        same = all(close(got[k], ref[k]) for k in ref if k not in ("step_time_s", "tokens_per_s"))
+        rank_print(f"[forward_kl clip] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   f"tokens={got['response_tokens']} {'ok' if same else 'MISMATCH'}")
+        assert got["response_tokens"] == ref["response_tokens"] and same, f"{layout}: {got} vs reference {ref}"
+    grads, expected = CP_LAYOUTS[0][1]["grads"], torch.load(path + ".grads.pt")
+    assert grads.keys() == expected.keys(), (sorted(grads), sorted(expected))
+    # relative to each tensor's largest entry (fp32 sums in other orders; seen: 2e-7)
+    worst = max((grads[k] - expected[k]).abs().max().item() / expected[k].abs().max().clamp(min=1e-12).item()
+                for k in grads)
+    rank_print(f"[forward_kl clip] CP2 every gradient: worst max|diff| / max|grad| = {worst:.2e}")
+    assert worst < 1e-5, worst
+
+    cp_resume(model_cfg, full, pairs, path + ".cp_ckpt")
+
+    # SFT (no teacher): interleaved (its stage messages hold the student only) and sequence parallel;
+    # and under context parallelism
+    for layout, kwargs in [LAYOUTS[4], *SP_LAYOUTS[:3], SP_LAYOUTS[-1], ("CP2", dict(cp=2))]:
         got, _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"), **kwargs)
         ref = refs["sft"]
         ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])

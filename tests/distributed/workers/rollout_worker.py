@@ -8,6 +8,8 @@ Then, per layout (the 4 processes split into TP x PP x DP; DP ranks take every d
     log-probs agree within 1e-5;
   * (TP2+SP x PP2) the same with sequence parallelism on for training (decoding runs it off), and
     the flag is restored afterwards;
+  * (TP2xCP2) the same with context parallelism (the test-only attention of tests/cp_attention.py for
+    training): decoding does not split sequences, the CP ranks decode the same prompts like TP peers;
   * (TP2xPP2) KV-cached == no-cache recompute; reported log-probs == the trainer's recomputation
     (megatron-core schedule + vocab_parallel_token_logprobs) within 1e-5; a prompt alone == in a batch.
 Sampler alone (TP2, TP4): the same random logits split over ranks give exactly the TP=1 samples.
@@ -28,6 +30,7 @@ from megatron_opsd.models.provider import ModelBuildConfig
 from megatron_opsd.parallel import ParallelConfig, init_parallel
 from megatron_opsd.rollout import MegatronRolloutEngine, SampleKey, SamplingParams
 from megatron_opsd.rollout import noise
+from tests.cp_attention import use_cp_test_attention
 from megatron_opsd.losses.sharding import vocab_shard
 from megatron_opsd.rollout.sampler import sample_next
 
@@ -62,9 +65,9 @@ def references(hf):
     return refs
 
 
-def check_layout(name, hf, greedy_ref, sampled_ref, *, tp=1, pp=1, vpp=None, sp=False, extra=False):
+def check_layout(name, hf, greedy_ref, sampled_ref, *, tp=1, pp=1, vpp=None, sp=False, cp=1, extra=False):
     start = time.time()
-    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp), seed=1)
+    runtime = init_parallel(ParallelConfig(tp=tp, pp=pp, vpp=vpp, sequence_parallel=sp, cp=cp), seed=1)
     chunks, cfg = megatron_from_hf(hf, runtime, ModelBuildConfig())
     mine = list(range(runtime.dp_rank, len(PROMPTS), runtime.dp))  # this DP rank's prompts
     prompts, keys = [PROMPTS[i] for i in mine], [KEYS[i] for i in mine]
@@ -160,6 +163,8 @@ def main() -> None:
     check_layout("PP2", hf, greedy_ref, sampled_ref, pp=2)
     check_layout("PP2xVPP2", hf, greedy_ref, sampled_ref, pp=2, vpp=2)
     check_layout("TP1 (DP4)", hf, greedy_ref, sampled_ref)
+    use_cp_test_attention()
+    check_layout("TP2xCP2", hf, greedy_ref, sampled_ref, tp=2, cp=2)
     rank_print("rollout: all checks passed")
 
 
