@@ -56,7 +56,8 @@ def global_order(length: int, cp: int) -> torch.Tensor:
 
 
 class AllGatherCPAttention(torch.nn.Module):
-    """Drop-in for the local spec's ``DotProductAttention`` (same constructor and forward arguments)."""
+    """Drop-in for the local spec's core attention (``PackedDotProductAttention``, i.e. megatron's
+    ``DotProductAttention``: same constructor and forward arguments; packed rows are refused under CP)."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                  softmax_scale=None, cp_comm_type=None, pg_collection=None):
@@ -101,17 +102,17 @@ def use_cp_test_attention() -> None:
     """For the rest of this process: models built with ``parallel.cp > 1`` get ``AllGatherCPAttention``
     instead of refusing (CP1 models are untouched: the local spec's own attention)."""
     from megatron.core.models.common.embeddings import rotary_pos_embedding
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_opsd import config
     from megatron_opsd.models import provider
+    from megatron_opsd.models.attention import PackedDotProductAttention
 
     plain_layer_spec = provider.layer_spec
 
     def layer_spec(model, build, config=None, runtime=None, vp_stage=None):
         spec = plain_layer_spec(model, build, config, runtime, vp_stage)
         if runtime is not None and runtime.cp > 1:
-            spec = provider._replace_modules(spec, DotProductAttention, AllGatherCPAttention)
+            spec = provider._replace_modules(spec, PackedDotProductAttention, AllGatherCPAttention)
         return spec
 
     provider.layer_spec = layer_spec

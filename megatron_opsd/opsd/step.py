@@ -223,14 +223,16 @@ def packed_seq_params(side):
 
 
 def _model_inputs(chunk: torch.nn.Module, side) -> dict:
-    """The model call's inputs for one side: THD packed-sequence parameters for a packed side, else
-    the explicit causal + key-padding mask."""
+    """The model call's inputs for one side: THD packed-sequence parameters for a packed side; for a
+    padded one the explicit causal + key-padding mask, or none under Transformer Engine, whose
+    attention applies its causal mask type itself (right padding: a real query never sees a padded
+    key), so no [B, 1, L, L] mask is built for it (under CP that would be [B, 1, L/CP, L])."""
+    cores = [layer.self_attention.core_attention for layer in getattr(unwrap(chunk).decoder, "layers", [])]
+    te = bool(cores) and all(type(core).__name__.startswith("TE") for core in cores)
     if not side.packed:
-        return dict(attention_mask=side.attention_mask)
-    layers = getattr(unwrap(chunk).decoder, "layers", [])
-    for layer in layers:
-        core = layer.self_attention.core_attention
-        if not (getattr(core, "supports_packed_sequences", False) or type(core).__name__.startswith("TE")):
+        return dict(attention_mask=None if te else side.attention_mask)
+    for core in cores:
+        if not (te or getattr(core, "supports_packed_sequences", False)):
             raise ValueError(f"packed micro-batches need a core attention that takes THD sequences; "
                              f"this model has {type(core).__name__}")
     return dict(attention_mask=None, packed_seq_params=packed_seq_params(side))

@@ -165,3 +165,21 @@ def test_packed_side_needs_an_attention_that_takes_thd(runtime):
     chunk.decoder.layers[1].self_attention.core_attention.__class__ = DotProductAttention
     with pytest.raises(ValueError, match="THD sequences; this model has DotProductAttention"):
         _model_inputs(chunk, packed.student)
+
+
+def test_transformer_engine_gets_no_mask_for_padded_rows(runtime):
+    """Under TE (its causal mask type) a padded side goes without the [B, 1, L, L] mask (TE wants none
+    for causal; under CP it would be [B, 1, L/CP, L]); a packed one as THD."""
+    from megatron_opsd.models.attention import PackedDotProductAttention
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.opsd.step import _model_inputs
+
+    chunk = build_model(tiny(), runtime)[0]
+    padded = collate_pairs(pairs_10x(64), 0)
+    assert _model_inputs(chunk, padded.student)["attention_mask"] is padded.student.attention_mask
+    te_like = type("TEDotProductAttention", (PackedDotProductAttention,), {})
+    for layer in chunk.decoder.layers:
+        layer.self_attention.core_attention.__class__ = te_like
+    assert _model_inputs(chunk, padded.student) == {"attention_mask": None}
+    packed = collate_pairs(pairs_10x(64), 0, pack=True)
+    assert _model_inputs(chunk, packed.student)["packed_seq_params"].qkv_format == "thd"
