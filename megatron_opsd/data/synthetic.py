@@ -101,8 +101,9 @@ def _arith_problem(rng: random.Random) -> tuple[str, list[str], int]:
 
 def generate(num: int, rng: random.Random, exclude: set[str], family: str = "arith") -> list[dict[str, str]]:
     """``num`` distinct problems of ``family`` (none in ``exclude``) with worked solutions ending in
-    ``\\boxed{}`` (arith: one step per line; gsm: the steps as one paragraph)."""
-    draw, separator = FAMILIES[family]
+    ``\\boxed{}`` (arith: one step per line; gsm: the steps as one paragraph; digits: one step that boxes
+    its own result)."""
+    draw, separator, conclude = FAMILIES[family]
     rows: list[dict[str, str]] = []
     seen = set(exclude)
     while len(rows) < num:
@@ -110,7 +111,7 @@ def generate(num: int, rng: random.Random, exclude: set[str], family: str = "ari
         if problem in seen:
             continue
         seen.add(problem)
-        solution = separator.join([*steps, f"The answer is \\boxed{{{answer}}}."])
+        solution = separator.join([*steps, f"The answer is \\boxed{{{answer}}}."] if conclude else steps)
         rows.append({"problem": problem, "solution": solution, "answer": str(answer)})
     return rows
 
@@ -249,12 +250,16 @@ def _digits_problem(rng: random.Random) -> tuple[str, list[str], int]:
         a, b = b, a
     value = a + b if op == "+" else a - b
     phrasing = rng.choice(DIGIT_PHRASINGS[op])
-    return phrasing.format(f"{a} {op} {b}", a=a, b=b), [f"{a} {op} {b} = {value}."], value
+    return phrasing.format(f"{a} {op} {b}", a=a, b=b), [f"{a} {op} {b} = \\boxed{{{value}}}."], value
 
 
 NUM_DIGIT_PROBLEMS = 100 * len(DIGIT_PHRASINGS["+"]) + 55 * len(DIGIT_PHRASINGS["-"])  # a - b needs a >= b
 
-FAMILIES = {"arith": (_arith_problem, "\n"), "gsm": (_gsm_problem, " "), "digits": (_digits_problem, "\n")}
+# (draw, step separator, whether "The answer is \\boxed{}." closes the solution). digits: the step boxes its
+# own result, so the answer is written once (with a restated answer OPSD's teacher, copying the
+# reference, taught the student to box an answer other than its own equation's).
+FAMILIES = {"arith": (_arith_problem, "\n", True), "gsm": (_gsm_problem, " ", True),
+            "digits": (_digits_problem, "\n", False)}
 
 
 def train_tokenizer(rows: list[dict[str, str]], vocab_size: int) -> bytes:
