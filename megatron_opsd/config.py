@@ -70,9 +70,11 @@ class TrainConfig:
         "Embedded default: first make a base model by this many SFT steps on the reference solutions "
         "(cached under checkpoint.dir/../base-<hash>); 0 = off.", default=0)
     warmup_lr: float = doc("Learning rate of the SFT warm-up.", default=3e-3)
-    warmup_teacher_prompts: bool = doc(
-        "Half of the warm-up examples use the teacher's prompt (with the reference solution), so a tiny "
-        "base model learns to read it; real base models need no such step.", default=True)
+    warmup_teacher_fraction: float = doc(
+        "Fraction of the warm-up examples (evenly spread) that use the teacher's prompt (problem + "
+        "reference solution) instead of the student's, so a tiny base model learns to read it; real "
+        "base models need no such step. 0.5: every other example; 1: the student's prompt is never "
+        "trained on.", default=0.5)
     updates_per_rollout: int = doc(
         "grpo: optimizer updates on each rollout (the clipped ratio against the rollout's own log-probs "
         "acts from the second); train.steps counts rollouts.", default=1)
@@ -82,6 +84,10 @@ class TrainConfig:
                             default=True)
     eval_max_new_tokens: int | None = doc("Evaluation response budget; null = rollout.max_new_tokens.",
                                           default=None)
+    eval_teacher_context: bool = doc(
+        "The evaluation before training also decodes from the teacher's prompt (problem + reference "
+        "solution): what OPSD's teacher can draw from the solution (kind eval_teacher_context in "
+        "metrics.jsonl, responses in logging.dir/eval_teacher_context_step_0.jsonl).", default=False)
     eval_answer_fallback: Literal["none", "last_number"] = doc(
         "A response's answer is its last \\boxed{}; last_number: when it has none, its last number "
         "instead (for models that answer right but never box). Each evaluation's responses, extracted "
@@ -96,6 +102,8 @@ class TrainConfig:
                              "(or null)")
         if self.warmup_sft_steps < 0 or self.eval_every < 0 or self.eval_problems < 0:
             raise ValueError("train.warmup_sft_steps, train.eval_every and train.eval_problems must be >= 0")
+        if not 0.0 <= self.warmup_teacher_fraction <= 1.0:
+            raise ValueError(f"train.warmup_teacher_fraction={self.warmup_teacher_fraction} must lie in [0, 1]")
 
 
 @dataclass

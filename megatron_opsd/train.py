@@ -201,6 +201,8 @@ class Trainer:
         results = {}
         if self.step == 0:
             results["accuracy_before"] = self.evaluate()["accuracy"]
+            if cfg.train.eval_teacher_context:
+                results["teacher_context_accuracy_before"] = self.evaluate(context="teacher")["accuracy"]
         while self.step < cfg.train.steps:
             metrics = self.train_one_step()
             self.step += 1
@@ -241,10 +243,13 @@ class Trainer:
         metrics.update(self._rollout_metrics(rollout, rollout_s, start))
         return metrics
 
-    def evaluate(self) -> dict:
+    def evaluate(self, context: str = "student") -> dict:
         """Held-out accuracy and mean response length; every response goes to
-        ``logging.dir/eval_step_N.jsonl`` (rank 0 writes what all data-parallel ranks generated)."""
+        ``logging.dir/eval_step_N.jsonl`` (rank 0 writes what all data-parallel ranks generated).
+        ``context="teacher"``: decoded from the teacher's prompt (problem + reference solution) instead,
+        logged as kind ``eval_teacher_context`` and written to ``eval_teacher_context_step_N.jsonl``."""
         cfg, rt = self.cfg, self.runtime
+        kind = "eval" if context == "student" else "eval_teacher_context"
         problems = self.eval_problems or self.train_problems
         count = len(problems) if not cfg.train.eval_problems else min(cfg.train.eval_problems, len(problems))
         mine = list(range(rt.dp_rank, count, rt.dp))
@@ -252,7 +257,7 @@ class Trainer:
         kept = [(i, p) for i, p in zip(mine, prompts) if p is not None]
         sampling = self._sampling(greedy=cfg.train.eval_greedy,
                                   max_new_tokens=cfg.train.eval_max_new_tokens or cfg.rollout.max_new_tokens)
-        rollout = self.rollout.generate([p.student for _, p in kept], sampling,
+        rollout = self.rollout.generate([getattr(p, context) for _, p in kept], sampling,
                                         [SampleKey(step=-1, prompt_id=i) for i, _ in kept])
         records = []
         for (i, _), ids in zip(kept, rollout.response_ids):
@@ -269,11 +274,11 @@ class Trainer:
                    "dropped_long_prompt": count - len(records),
                    "response_length": sum(r["response_tokens"] for r in records) / num}
         if self.is_logger:
-            write_jsonl(Path(cfg.logging.dir) / f"eval_step_{self.step}.jsonl", records)
+            write_jsonl(Path(cfg.logging.dir) / f"{kind}_step_{self.step}.jsonl", records)
             if metrics["dropped_long_prompt"]:
                 self.log.message(f"evaluation: {metrics['dropped_long_prompt']} of {count} problems dropped: "
                                  f"their prompt exceeds data.max_prompt_len={cfg.data.max_prompt_len}")
-        self.log.log("eval", self.step, metrics)
+        self.log.log(kind, self.step, metrics)
         return metrics
 
     # ---- phases' helpers ----------------------------------------------------------------------
@@ -421,9 +426,9 @@ def write_config_yaml(cfg: JobConfig) -> Path:
 # ---- the embedded default's base model ----------------------------------------------------------
 def embedded_base_dir(cfg: JobConfig) -> Path:
     """Cache key: everything that determines the warm-up's result."""
-    key = json.dumps([to_dict(cfg.model), cfg.data.train_path, cfg.data.tokenizer_path, cfg.seed,
+    key = json.dumps([to_dict(cfg.model), to_dict(cfg.model_build), cfg.data.train_path, cfg.data.tokenizer_path, cfg.seed,
                       cfg.train.warmup_sft_steps, cfg.train.warmup_lr, cfg.train.prompts_per_step,
-                      cfg.train.warmup_teacher_prompts, cfg.data.student_template, cfg.data.teacher_template],
+                      cfg.train.warmup_teacher_fraction, cfg.data.student_template, cfg.data.teacher_template],
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(cfg.checkpoint.dir).parent / f"base-sft-{digest}"
@@ -506,6 +511,8 @@ def accuracy_summary(cfg: JobConfig, results: dict, step: int) -> str:
         line = (f"held-out accuracy on {problems} problems: {before:.3f} before {method} -> {after:.3f} after "
                 f"{step} steps ({after - before:+.3f})")
         files = f"{logs / 'eval_step_0.jsonl'} (before), {final} (after)"
+        if "teacher_context_accuracy_before" in results:
+            line += f"; before, from the teacher's prompt: {results['teacher_context_accuracy_before']:.3f}"
     else:
         line, files = f"held-out accuracy on {problems} problems after {step} steps of {method}: {after:.3f}", str(final)
     rule = "=" * len(line)

@@ -101,8 +101,9 @@ def _arith_problem(rng: random.Random) -> tuple[str, list[str], int]:
 
 def generate(num: int, rng: random.Random, exclude: set[str], family: str = "arith") -> list[dict[str, str]]:
     """``num`` distinct problems of ``family`` (none in ``exclude``) with worked solutions ending in
-    ``\\boxed{}`` (arith: one step per line; gsm: the steps as one paragraph)."""
-    draw, separator = FAMILIES[family]
+    ``\\boxed{}`` (arith: one step per line; gsm: the steps as one paragraph; digits: one step that boxes
+    its own result)."""
+    draw, separator, conclude = FAMILIES[family]
     rows: list[dict[str, str]] = []
     seen = set(exclude)
     while len(rows) < num:
@@ -110,7 +111,7 @@ def generate(num: int, rng: random.Random, exclude: set[str], family: str = "ari
         if problem in seen:
             continue
         seen.add(problem)
-        solution = separator.join([*steps, f"The answer is \\boxed{{{answer}}}."])
+        solution = separator.join([*steps, f"The answer is \\boxed{{{answer}}}."] if conclude else steps)
         rows.append({"problem": problem, "solution": solution, "answer": str(answer)})
     return rows
 
@@ -232,7 +233,33 @@ def _gsm_problem(rng: random.Random) -> tuple[str, list[str], int]:
     return rng.choice(GSM_KINDS)(rng, rng.choice(NAMES))
 
 
-FAMILIES = {"arith": (_arith_problem, "\n"), "gsm": (_gsm_problem, " ")}
+# ---- the one-digit family: a + b or a - b on one-digit numbers, one step (``--family digits``) -------
+# The embedded default's data (``megatron_opsd/assets/digits``, the arith tokenizer): small enough that
+# the tiny model learns it in minutes. Each fact comes in several phrasings, so held-out problems are
+# new strings whose facts (``3 + 4``) the training set holds in other wordings.
+
+DIGIT_PHRASINGS = {
+    "+": (*PHRASINGS, "Add {a} and {b}.", "What is the sum of {a} and {b}?"),
+    "-": (*PHRASINGS, "Subtract {b} from {a}.", "What is {a} minus {b}?"),
+}
+
+
+def _digits_problem(rng: random.Random) -> tuple[str, list[str], int]:
+    op, a, b = rng.choice("+-"), rng.randint(0, 9), rng.randint(0, 9)
+    if op == "-" and a < b:
+        a, b = b, a
+    value = a + b if op == "+" else a - b
+    phrasing = rng.choice(DIGIT_PHRASINGS[op])
+    return phrasing.format(f"{a} {op} {b}", a=a, b=b), [f"{a} {op} {b} = \\boxed{{{value}}}."], value
+
+
+NUM_DIGIT_PROBLEMS = 100 * len(DIGIT_PHRASINGS["+"]) + 55 * len(DIGIT_PHRASINGS["-"])  # a - b needs a >= b
+
+# (draw, step separator, whether "The answer is \\boxed{}." closes the solution). digits: the step boxes its
+# own result, so the answer is written once (with a restated answer OPSD's teacher, copying the
+# reference, taught the student to box an answer other than its own equation's).
+FAMILIES = {"arith": (_arith_problem, "\n", True), "gsm": (_gsm_problem, " ", True),
+            "digits": (_digits_problem, "\n", False)}
 
 
 def train_tokenizer(rows: list[dict[str, str]], vocab_size: int) -> bytes:
@@ -261,25 +288,28 @@ def write_jsonl(rows: list[dict[str, str]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="output directory")
-    parser.add_argument("--num-train", type=int, default=None, help="default: 2000 (arith), 1000 (gsm)")
+    parser.add_argument("--num-train", type=int, default=None,
+                        help="default: 2000 (arith), 1000 (gsm), 700 (digits)")
     parser.add_argument("--num-eval", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--vocab-size", type=int, default=448,
                         help="pieces (with digits split this corpus supports at most ~460)")
-    parser.add_argument("--family", choices=("arith", "gsm"), default="arith",
-                        help="arith: the embedded default's data and tokenizer; gsm: grade-school word "
-                             "problems for real tokenizers (train/eval only; --num-train defaults to 1000)")
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="arith",
+                        help="arith: data and tokenizer; gsm: grade-school word problems for real tokenizers; "
+                             "digits: one-digit a + b / a - b, the embedded default's data (it uses the arith "
+                             "tokenizer). gsm and digits write train/eval only")
     args = parser.parse_args(argv)
+    if args.family == "digits" and (args.num_train or 700) + args.num_eval > NUM_DIGIT_PROBLEMS:
+        parser.error(f"--family digits has {NUM_DIGIT_PROBLEMS} distinct problems: --num-train + --num-eval "
+                     "must not exceed it")
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.family == "gsm":
-        train, held_out = make_splits(args.num_train or 1000, args.num_eval, args.seed, family="gsm")
-        write_jsonl(train, args.out / "train.jsonl")
-        write_jsonl(held_out, args.out / "eval.jsonl")
-        print(f"wrote {len(train)} train and {len(held_out)} eval GSM-style problems to {args.out}")
-        return
-    train, held_out = make_splits(args.num_train or 2000, args.num_eval, args.seed)
+    num_train = args.num_train or {"arith": 2000, "gsm": 1000, "digits": 700}[args.family]
+    train, held_out = make_splits(num_train, args.num_eval, args.seed, family=args.family)
     write_jsonl(train, args.out / "train.jsonl")
     write_jsonl(held_out, args.out / "eval.jsonl")
+    if args.family != "arith":
+        print(f"wrote {len(train)} train and {len(held_out)} eval {args.family} problems to {args.out}")
+        return
     (args.out / "tokenizer.model").write_bytes(train_tokenizer(train, args.vocab_size))
     print(f"wrote {len(train)} train and {len(held_out)} eval problems and tokenizer.model "
           f"(vocab {args.vocab_size}) to {args.out}")

@@ -5,6 +5,7 @@ base model with this method."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 
@@ -19,16 +20,17 @@ from megatron_opsd.rollout.types import Rollout
 
 
 class SFT(Method):
-    """``teacher_prompts``: every other example uses the teacher's prompt (problem + reference
-    solution) instead of the student's (the warm-up: a tiny model must first learn to read a reference
-    solution in its context, the capability OPSD's teacher relies on)."""
+    """``teacher_fraction``: that fraction of the examples, evenly spread (0.5: every other one), uses the
+    teacher's prompt (problem + reference solution) instead of the student's (the warm-up: a tiny model
+    must first learn to read a reference solution in its context, the capability OPSD's teacher relies
+    on)."""
 
     name = "sft"
     generates = False
 
-    def __init__(self, loss: LossConfig, *, teacher_prompts: bool = False):
+    def __init__(self, loss: LossConfig, *, teacher_fraction: float = 0.0):
         super().__init__(loss)
-        self.teacher_prompts = teacher_prompts
+        self.teacher_fraction = teacher_fraction
 
     def rollout(self, inputs, prompts, keys):
         return Rollout(response_ids=[solution_ids(inputs.tokenizer, inputs.problems[i]) for _, i in prompts])
@@ -40,7 +42,8 @@ class SFT(Method):
 
     def _prompt(self, ids: PromptIds, parity: int) -> PromptIds:
         """The prompt on both sides (only the student's side is run): the student's, or the teacher's."""
-        prompt = ids.teacher if self.teacher_prompts and parity % 2 == 0 else ids.student
+        teacher = math.floor(parity * self.teacher_fraction) > math.floor((parity - 1) * self.teacher_fraction)
+        prompt = ids.teacher if teacher else ids.student
         return PromptIds(prompt, prompt)
 
     def token_loss(self, ctx, response_ids, student_logits, teacher_logits, policy=None, stats=None):
@@ -56,8 +59,8 @@ def solution_ids(tokenizer, problem) -> list[int]:
 def warm_up(cfg, runtime, chunks, tokenizer, problems, out: Path) -> None:
     """The embedded default's base model: the sft method for ``train.warmup_sft_steps`` steps with its
     own optimizer (``train.warmup_lr``, gradient clip 1) and prompt order, over-long solutions cut
-    (``truncate_response``), every other example on the teacher's prompt
-    (``train.warmup_teacher_prompts``); saves the weights to ``out``."""
+    (``truncate_response``), a fraction of the examples on the teacher's prompt
+    (``train.warmup_teacher_fraction``); saves the weights to ``out``."""
     from megatron_opsd.opsd.step import StepContext, train_step
 
     steps = cfg.train.warmup_sft_steps
@@ -69,7 +72,7 @@ def warm_up(cfg, runtime, chunks, tokenizer, problems, out: Path) -> None:
     sampler = ProblemSampler(len(problems), cfg.train.prompts_per_step, cfg.seed + 1,
                              rank=runtime.dp_rank, world_size=runtime.dp)
     contexts = ContextBuilder(dataclasses.replace(cfg.data, overlong="truncate_response"), tokenizer, problems)
-    method = SFT(LossConfig(mode="sft"), teacher_prompts=cfg.train.warmup_teacher_prompts)
+    method = SFT(LossConfig(mode="sft"), teacher_fraction=cfg.train.warmup_teacher_fraction)
     ctx = StepContext(runtime=runtime, loss=method.loss, temperature=1.0, vocab_size=cfg.model.vocab_size,
                       teacher=None, detailed_metrics=False, method=method)
     start = time.perf_counter()

@@ -39,12 +39,18 @@ def train_losses(run: Path) -> dict[int, float]:
 
 @pytest.mark.distributed
 def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
-    out, full = train(tmp_path, 2, name="full")
+    out, full = train(tmp_path, 2, "--train.eval_teacher_context", "true", name="full")
     losses = train_losses(full)
     assert sorted(losses) == [1, 2, 3, 4], out[-3000:]
     records = [json.loads(x) for x in (full / "logs" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["accuracy"] <= 1 for e in evals)
+    # eval_teacher_context: before training, the same problems decoded from the teacher's prompt too
+    [teacher_eval] = [r for r in records if r["kind"] == "eval_teacher_context"]
+    assert teacher_eval["step"] == 0 and teacher_eval["problems"] == evals[0]["problems"]
+    assert f"before, from the teacher's prompt: {teacher_eval['accuracy']:.3f}" in out, out[-3000:]
+    teacher_rows = [json.loads(x) for x in (full / "logs" / "eval_teacher_context_step_0.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in teacher_rows] == list(range(evals[0]["problems"]))
     # The closing lines say what the evaluations measured, and where their responses are.
     before, after = (e["accuracy"] for e in evals)
     assert (f"held-out accuracy on {evals[0]['problems']} problems: {before:.3f} before OPSD -> {after:.3f} "

@@ -123,6 +123,7 @@ def test_example_configs_load():
     (["--data.max_seq_len", "4096", "--model.max_position_embeddings", "2048"],
      r"data.max_seq_len=4096 exceeds the model's max_position_embeddings=2048"),
     (["--checkpoint.resume", "maybe"], r"checkpoint.resume"),
+    (["--train.warmup_teacher_fraction", "1.5"], r"train.warmup_teacher_fraction=1.5 must lie in \[0, 1\]"),
 ])
 def test_layout_sampling_and_length_errors_name_the_field(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):

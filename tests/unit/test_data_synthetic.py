@@ -92,6 +92,38 @@ def test_every_answer_checks_out(name):
     assert [p.answer for p in problems] == [row["answer"] for row in rows]
 
 
+DIGITS_DIR = ARITH_DIR.parent / "digits"
+DIGIT_PATTERNS = [  # regex over the problem text -> its answer, written here from the wording alone
+    (r"(?:Compute|What is|Evaluate|Calculate the value of) (\d) \+ (\d)[.?]", lambda a, b: a + b),
+    (r"(?:Compute|What is|Evaluate|Calculate the value of) (\d) - (\d)[.?]", lambda a, b: a - b),
+    (r"Add (\d) and (\d)\.", lambda a, b: a + b),
+    (r"What is the sum of (\d) and (\d)\?", lambda a, b: a + b),
+    (r"Subtract (\d) from (\d)\.", lambda b, a: a - b),
+    (r"What is (\d) minus (\d)\?", lambda a, b: a - b),
+]
+
+
+def test_digits_family_is_the_shipped_default_data_and_every_answer_checks_out(tmp_path):
+    synthetic.main(["--family", "digits", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.jsonl", "train.jsonl"]  # the arith tokenizer
+    for name in ("train.jsonl", "eval.jsonl"):
+        assert (tmp_path / name).read_bytes() == (DIGITS_DIR / name).read_bytes(), name
+    train, held_out = ([json.loads(line) for line in open(DIGITS_DIR / name)] for name in ("train.jsonl", "eval.jsonl"))
+    assert (len(train), len(held_out)) == (700, 200)
+    assert not {r["problem"] for r in train} & {r["problem"] for r in held_out}
+    used = set()
+    for row in train + held_out:
+        [(index, want)] = [(i, answer(*map(int, m.groups()))) for i, (pattern, answer) in enumerate(DIGIT_PATTERNS)
+                           if (m := re.fullmatch(pattern, row["problem"]))]
+        used.add(index)
+        assert want >= 0 and row["answer"] == str(want) and extract_boxed(row["solution"]) == row["answer"], row
+    assert used == set(range(len(DIGIT_PATTERNS)))
+    # more problems than the family has distinct ones: refused before anything is written
+    with pytest.raises(SystemExit) as exc:
+        synthetic.main(["--family", "digits", "--num-train", "800", "--out", str(tmp_path / "no")])
+    assert exc.value.code == 2 and not (tmp_path / "no").exists()
+
+
 def test_default_config_reads_the_shipped_data():
     train, held_out = load_splits(DataConfig())
     assert (len(train), len(held_out)) == (2000, 200)

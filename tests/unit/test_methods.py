@@ -42,8 +42,9 @@ def test_sft_trains_on_the_solutions_and_the_warm_up_alternates_prompts(sp_token
     rollout = SFT(LossConfig(mode="sft")).rollout(data, prompts, keys)
     assert rollout.response_ids == [solution_ids(sp_tokenizer, p) for p in PROBLEMS]
     assert rollout.response_ids[0][-1] in sp_tokenizer.stop_ids
-    for teacher_prompts, expected in ((False, "ssss"), (True, "stst")):  # step 3: odd steps start on the student's
-        batches, metrics = SFT(LossConfig(mode="sft"), teacher_prompts=teacher_prompts).micro_batches(
+    # step 3: examples 3..6 of the warm-up, spread evenly: with 0.5 odd ones take the student's prompt
+    for fraction, expected in ((0.0, "ssss"), (0.5, "stst"), (0.25, "stss"), (0.75, "ttst"), (1.0, "tttt")):
+        batches, metrics = SFT(LossConfig(mode="sft"), teacher_fraction=fraction).micro_batches(
             data, prompts, rollout)
         assert metrics == {} and [b.loss_mask.shape[0] for b in batches] == [2, 2]
         rows = [(b, r) for b in batches for r in range(2)]
