@@ -45,7 +45,7 @@ import torch.distributed as dist
 from megatron_opsd import cpu_compat
 from megatron_opsd.parallel import ParallelRuntime
 from megatron_opsd.rollout import noise
-from megatron_opsd.rollout.attention import RolloutAttention
+from megatron_opsd.rollout.attention import RolloutAttention, select_cache_rows
 from megatron_opsd.losses.sharding import VocabShard, vocab_shard
 from megatron_opsd.rollout.sampler import sample_next
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
@@ -148,6 +148,8 @@ class MegatronRolloutEngine:
         first, inverse = _distinct_rows(prompts)
         shared = self.kv_cache and self.shared_prefill and len(first) < b
         context = StaticInferenceContext(len(first) if shared else b, total) if self.kv_cache else None
+        if context is not None:
+            self._attention.allocate_cache(context, context.max_batch_size, self.dtype, device)
         self._attention.prepare(total)
         try:
             for step in range(max_new):
@@ -335,11 +337,11 @@ def _distinct_rows(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
 
 
 def _compact_cache(context, keep_b: torch.Tensor) -> None:
-    """Keep only batch entries ``keep_b`` in megatron's static KV cache ([seq, batch, groups, dim] per
-    layer); the context then serves the smaller batch. With repeated entries it replicates rows
-    (shared prefill)."""
+    """Keep only batch entries ``keep_b`` in megatron's static KV cache ([seq, batch, groups, dim] views
+    per layer, layout kept); the context then serves the smaller batch. With repeated entries it
+    replicates rows (shared prefill)."""
     for layer, (key, value) in list(context.key_value_memory_dict.items()):
-        context.key_value_memory_dict[layer] = (key[:, keep_b].contiguous(), value[:, keep_b].contiguous())
+        context.key_value_memory_dict[layer] = (select_cache_rows(key, keep_b), select_cache_rows(value, keep_b))
     context.max_batch_size = len(keep_b)
 
 
