@@ -173,17 +173,19 @@ class MegatronRolloutEngine:
                 self.stats["row_steps"] += len(rows)
                 token_b, sampling_b, model_b = self._sample_and_share(logits_bv, keys, step, sampling, len(rows))
                 stopped_b = ~done_b & torch.isin(token_b, stop_ids)
-                for i, done, t, lp, mlp, stopped in zip(
-                        rows, done_b.tolist(), token_b.tolist(), sampling_b.float().tolist(),
-                        model_b.float().tolist(), stopped_b.tolist()):
+                # the step's one device-to-host copy: per row the token, both log-probs (rounded to
+                # fp32), whether it was done before and whether it stopped now
+                host_b5 = torch.stack([token_b.double(), sampling_b.float().double(), model_b.float().double(),
+                                       done_b.double(), stopped_b.double()], dim=1).tolist()
+                for i, (t, lp, mlp, done, stopped) in zip(rows, host_b5):
                     if not done:
-                        out.response_ids[i].append(t)
+                        out.response_ids[i].append(int(t))
                         out.sampling_logprobs[i].append(lp)
                         out.model_logprobs[i].append(mlp)
                         if stopped:
                             out.finish_reasons[i] = "stop"
                 done_b |= stopped_b
-                num_done = int(done_b.sum())
+                num_done = sum(1 for *_, done, stopped in host_b5 if done or stopped)
                 if self._most_in_group(int(num_done < len(rows))) == 0:
                     break
                 tokens_bt[:, end] = torch.where(done_b, self.pad_id, token_b)
