@@ -4,8 +4,10 @@
     python benchmarks/rollout.py --quick         # a small smoke run
     python benchmarks/rollout.py --dtype bf16    # both sides' weights, activations and KV cache in bf16
 
-One process, TP=1, fp32 (or ``--dtype bf16``: our sampler still works in fp64 on the logits), the same random Llama-shaped weights in both implementations (HF's init,
-mapped into megatron-core through the HF name map), random prompt ids, the paper's sampling settings
+One process, TP=1, fp32 (or ``--dtype bf16``: weights, activations and KV cache in bf16; our sampler
+works in fp32 on the logits, our CPU attention in fp32), the same random Llama-shaped weights in both
+implementations (HF's init, mapped into megatron-core through the HF name map), random prompt ids, the
+paper's sampling settings
 (T 1.1, top-k 20, top-p 0.95; ``--greedy`` for argmax) and no stop ids, so every row generates exactly
 the requested number of tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill
 included). Rows:

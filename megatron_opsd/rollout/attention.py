@@ -17,6 +17,13 @@ replaced while a rollout runs, because on this path megatron-core 0.16.1 is slow
   training forward's at the same positions.
 * The core attention: ``torch.nn.functional.scaled_dot_product_attention`` on the cache view instead
   of the local spec's unfused baddbmm/masked-softmax/bmm with an RNG-tracker fork per layer.
+* The cache layout. ``allocate_cache`` hands megatron-core buffers that are [batch, groups, seq, dim]
+  in memory, as the [seq, batch, groups, dim] views it indexes (it allocates them itself only for
+  layers missing from ``key_value_memory_dict``): SDPA then reads each (row, group)'s keys as one
+  contiguous block instead of ``dim``-sized pieces ``batch * groups * dim`` apart. On CPU, bf16/fp16
+  attention is computed in fp32 (the cache stays bf16): torch's CPU flash kernel in bf16 took ~13 ms
+  per layer per decode step at 384 cached tokens (batch 8, 12 heads of 64; ~3.4 ms contiguous),
+  against ~1.3 ms for converting the contiguous blocks to fp32 and running it there.
 
 Each layer's ``core_attention.forward`` is overridden on the instance (and restored afterwards), so the
 training path never sees any of this. Supported: RoPE (plain, llama3 or linear scaling), GQA, vanilla
@@ -86,6 +93,17 @@ class RolloutAttention:
         self._overridden.clear()
         self._freqs_n1d = self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
 
+    def allocate_cache(self, context, batch: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Fill ``context``'s static KV cache (megatron's ``key_value_memory_dict``, keyed by layer
+        number) with buffers laid out [batch, groups, seq, dim], seen as [seq, batch, groups, dim]."""
+        for model in self.models:
+            for layer in model.decoder.layers:
+                attention = layer.self_attention
+                context.key_value_memory_dict[attention.layer_number] = tuple(
+                    _cache_buffer(batch, attention.num_query_groups_per_partition, context.max_sequence_length,
+                                  dim, dtype, device)
+                    for dim in (attention.key_hidden_size, attention.val_hidden_size))
+
     def prepare(self, max_positions: int) -> None:
         """RoPE angles [max_positions, 1, d] from the model's own rotary module (scaling included)."""
         # get_emb: the whole table (megatron's forward keeps this rank's part under context parallelism)
@@ -119,9 +137,11 @@ class RolloutAttention:
         scale = core.config.softmax_scale or 1.0 / math.sqrt(d)
         query_bhsd, key_bgkd, value_bgkd, gqa = sdpa_operands(
             query_sbhd, key_kbgd, value_kbgd, on_cuda=query_sbhd.is_cuda)
+        if not query_sbhd.is_cuda and query_sbhd.dtype != torch.float32:  # see the module docstring
+            query_bhsd, key_bgkd, value_bgkd = query_bhsd.float(), key_bgkd.float(), value_bgkd.float()
         context_bhsd = F.scaled_dot_product_attention(query_bhsd, key_bgkd, value_bgkd, attn_mask=self._keep_b1qk,
                                                       scale=scale, enable_gqa=gqa)
-        return context_bhsd.permute(2, 0, 1, 3).reshape(s, b, heads * d)
+        return context_bhsd.permute(2, 0, 1, 3).reshape(s, b, heads * d).to(query_sbhd.dtype)
 
 
 def sdpa_operands(query_sbhd, key_kbgd, value_kbgd, *, on_cuda: bool):
@@ -140,6 +160,17 @@ def sdpa_operands(query_sbhd, key_kbgd, value_kbgd, *, on_cuda: bool):
     if not on_cuda:
         return query, key, value, True
     return query, key.repeat_interleave(heads // groups, dim=1), value.repeat_interleave(heads // groups, dim=1), False
+
+
+def _cache_buffer(batch: int, groups: int, seq: int, dim: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """An uninitialised [seq, batch, groups, dim] view of [batch, groups, seq, dim] memory."""
+    return torch.empty((batch, groups, seq, dim), dtype=dtype, device=device).permute(2, 0, 1, 3)
+
+
+def select_cache_rows(key_kbgd: torch.Tensor, keep_b: torch.Tensor) -> torch.Tensor:
+    """Batch entries ``keep_b`` of a cache buffer (repeats allowed), in the same layout."""
+    return key_kbgd.permute(1, 2, 0, 3)[keep_b].contiguous().permute(2, 0, 1, 3)
 
 
 def _bind(fn, core):

@@ -45,7 +45,7 @@ import torch.distributed as dist
 from megatron_opsd import cpu_compat
 from megatron_opsd.parallel import ParallelRuntime
 from megatron_opsd.rollout import noise
-from megatron_opsd.rollout.attention import RolloutAttention
+from megatron_opsd.rollout.attention import RolloutAttention, select_cache_rows
 from megatron_opsd.losses.sharding import VocabShard, vocab_shard
 from megatron_opsd.rollout.sampler import sample_next
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
@@ -148,6 +148,8 @@ class MegatronRolloutEngine:
         first, inverse = _distinct_rows(prompts)
         shared = self.kv_cache and self.shared_prefill and len(first) < b
         context = StaticInferenceContext(len(first) if shared else b, total) if self.kv_cache else None
+        if context is not None:
+            self._attention.allocate_cache(context, context.max_batch_size, self.dtype, device)
         self._attention.prepare(total)
         try:
             for step in range(max_new):
@@ -171,17 +173,19 @@ class MegatronRolloutEngine:
                 self.stats["row_steps"] += len(rows)
                 token_b, sampling_b, model_b = self._sample_and_share(logits_bv, keys, step, sampling, len(rows))
                 stopped_b = ~done_b & torch.isin(token_b, stop_ids)
-                for i, done, t, lp, mlp, stopped in zip(
-                        rows, done_b.tolist(), token_b.tolist(), sampling_b.float().tolist(),
-                        model_b.float().tolist(), stopped_b.tolist()):
+                # the step's one device-to-host copy: per row the token, both log-probs (rounded to
+                # fp32), whether it was done before and whether it stopped now
+                host_b5 = torch.stack([token_b.double(), sampling_b.float().double(), model_b.float().double(),
+                                       done_b.double(), stopped_b.double()], dim=1).tolist()
+                for i, (t, lp, mlp, done, stopped) in zip(rows, host_b5):
                     if not done:
-                        out.response_ids[i].append(t)
+                        out.response_ids[i].append(int(t))
                         out.sampling_logprobs[i].append(lp)
                         out.model_logprobs[i].append(mlp)
                         if stopped:
                             out.finish_reasons[i] = "stop"
                 done_b |= stopped_b
-                num_done = int(done_b.sum())
+                num_done = sum(1 for *_, done, stopped in host_b5 if done or stopped)
                 if self._most_in_group(int(num_done < len(rows))) == 0:
                     break
                 tokens_bt[:, end] = torch.where(done_b, self.pad_id, token_b)
@@ -335,11 +339,11 @@ def _distinct_rows(prompts: list[list[int]]) -> tuple[list[int], list[int]]:
 
 
 def _compact_cache(context, keep_b: torch.Tensor) -> None:
-    """Keep only batch entries ``keep_b`` in megatron's static KV cache ([seq, batch, groups, dim] per
-    layer); the context then serves the smaller batch. With repeated entries it replicates rows
-    (shared prefill)."""
+    """Keep only batch entries ``keep_b`` in megatron's static KV cache ([seq, batch, groups, dim] views
+    per layer, layout kept); the context then serves the smaller batch. With repeated entries it
+    replicates rows (shared prefill)."""
     for layer, (key, value) in list(context.key_value_memory_dict.items()):
-        context.key_value_memory_dict[layer] = (key[:, keep_b].contiguous(), value[:, keep_b].contiguous())
+        context.key_value_memory_dict[layer] = (select_cache_rows(key, keep_b), select_cache_rows(value, keep_b))
     context.max_batch_size = len(keep_b)
 
 

@@ -20,7 +20,12 @@ Two paths, both exact (see ``SamplingParams`` for the semantics):
 
 Log-probabilities: the raw model's (T = 1, full vocabulary) via a vocab-parallel log-sum-exp of
 per-rank (max, sum-exp) pairs; the sampling distribution's over the allowed set at temperature T.
-All statistics are fp64. Shape legend: b rows, v local columns, k candidates per rank, r ranks.
+
+Precision. The top-k path works in fp32 on the vocabulary slice (local top-k, max, sum-exp): the
+logits are fp32 or bf16 already, and a fp64 copy of [b, v] cost more than the rest of the sampler. Candidate values are exact in fp64, so everything computed on the k * TP
+candidates (temperature, top-p, noise, choice, sampling log-prob) is fp64. The full-vocabulary path
+(top_k = 0) works in fp64 throughout. Shape legend: b rows, v local columns, k candidates per rank,
+r ranks.
 """
 
 from __future__ import annotations
@@ -48,10 +53,10 @@ class StepSample:
 def sample_next(logits_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingParams,
                 vs: VocabShard) -> StepSample:
     """Sample one token per row from this rank's logits ``[b, v]``; ``keys_b`` int64 [b] noise keys."""
-    x_bv = logits_bv[:, : vs.num_valid].double()
+    x_bv = logits_bv[:, : vs.num_valid].float()
     if params.greedy or params.top_k > 0:
         return _sample_top_k(x_bv, keys_b, params, vs)
-    return _sample_full(x_bv, keys_b, params, vs)
+    return _sample_full(x_bv.double(), keys_b, params, vs)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -59,15 +64,16 @@ def sample_next(logits_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingP
 
 
 def _max_sumexp(z_bv: torch.Tensor, allowed_bv: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row: m = max z (-inf if none), s = sum exp(z - m) over the allowed entries (0 if none)."""
+    """Per row: m = max z (-inf if none), s = sum exp(z - m) over the allowed entries (0 if none);
+    computed in z's dtype, returned in fp64."""
     if allowed_bv is not None:
         z_bv = z_bv.masked_fill(~allowed_bv, -torch.inf)
     if z_bv.shape[1] == 0:
-        empty = z_bv.new_full((z_bv.shape[0],), -torch.inf)
+        empty = z_bv.new_full((z_bv.shape[0],), -torch.inf, dtype=torch.float64)
         return empty, torch.zeros_like(empty)
     m_b = z_bv.amax(dim=1)
     safe_b = torch.where(torch.isfinite(m_b), m_b, 0.0)
-    return m_b, (z_bv - safe_b[:, None]).exp().sum(dim=1)
+    return m_b.double(), (z_bv - safe_b[:, None]).exp().sum(dim=1).double()
 
 
 def _combine_lse(m_rb: torch.Tensor, s_rb: torch.Tensor) -> torch.Tensor:
@@ -90,7 +96,17 @@ def _top_p_keep(z_bk: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _local_top_k(x_bv: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest entries per row and their local columns, ties towards the lower column."""
-    vals_bk, _ = x_bv.topk(k, dim=1)
+    fetch = min(2 * k, x_bv.shape[1])
+    vals_bf, cols_bf = x_bv.topk(fetch, dim=1)
+    if fetch == x_bv.shape[1] or bool((vals_bf[:, -1] < vals_bf[:, k - 1]).all()):
+        # every entry tied with the k-th largest was fetched (bf16 logits tie often): order the fetched
+        # ones by value, descending, then column, ascending; take k
+        by_col_bf = cols_bf.argsort(dim=1)
+        vals_bf, cols_bf = vals_bf.gather(1, by_col_bf), cols_bf.gather(1, by_col_bf)
+        by_val_bk = vals_bf.argsort(dim=1, descending=True, stable=True)[:, :k]
+        return vals_bf.gather(1, by_val_bk), cols_bf.gather(1, by_val_bk)
+    # more than k ties at the k-th value: a pass over the whole slice
+    vals_bk = vals_bf[:, :k]
     thr_b = vals_bk[:, -1:]
     greater_bv = x_bv > thr_b
     tied_bv = x_bv == thr_b
@@ -105,7 +121,7 @@ def _sample_top_k(x_bv: torch.Tensor, keys_b: torch.Tensor, params: SamplingPara
     b = x_bv.shape[0]
     k = 1 if params.greedy else params.top_k
     k_local = min(k, vs.num_valid)
-    pack_bp = x_bv.new_full((b, 2 * k + 2), -torch.inf)  # [vals (k), ids (k), max, sum-exp]
+    pack_bp = x_bv.new_full((b, 2 * k + 2), -torch.inf, dtype=torch.float64)  # [vals (k), ids (k), max, sum-exp]
     pack_bp[:, k: 2 * k] = _NO_ID
     if k_local > 0:
         vals_bk, cols_bk = _local_top_k(x_bv, k_local)
