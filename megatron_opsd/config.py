@@ -191,7 +191,6 @@ class JobConfig:
         if self.parallel.cp > 1:
             self.check_context_parallel()
 
-
     def check_context_parallel(self) -> None:
         """What context parallelism supports (tested on CPU with a test-only attention, see README)."""
         cp = self.parallel.cp
