@@ -426,8 +426,8 @@ def write_config_yaml(cfg: JobConfig) -> Path:
 # ---- the embedded default's base model ----------------------------------------------------------
 def embedded_base_dir(cfg: JobConfig) -> Path:
     """Cache key: everything that determines the warm-up's result."""
-    key = json.dumps([to_dict(cfg.model), to_dict(cfg.model_build), cfg.data.train_path, cfg.data.tokenizer_path, cfg.seed,
-                      cfg.train.warmup_sft_steps, cfg.train.warmup_lr, cfg.train.prompts_per_step,
+    key = json.dumps([to_dict(cfg.model), to_dict(cfg.model_build), cfg.data.train_path, cfg.data.tokenizer_path,
+                      cfg.seed, cfg.train.warmup_sft_steps, cfg.train.warmup_lr, cfg.train.prompts_per_step,
                       cfg.train.warmup_teacher_fraction, cfg.data.student_template, cfg.data.teacher_template],
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]

@@ -198,7 +198,6 @@ def layer_spec(model: ModelConfig, build: ModelBuildConfig, config=None, runtime
     pipeline chunk (dense and MoE layers by ``moe_layer_freq``; experts are SequentialMLP on the local
     spec, TE grouped GEMM with Transformer Engine)."""
     from megatron.core.models.gpt import gpt_layer_specs
-
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_opsd.models.attention import PackedDotProductAttention
@@ -208,12 +207,13 @@ def layer_spec(model: ModelConfig, build: ModelBuildConfig, config=None, runtime
         spec = gpt_layer_specs.get_gpt_decoder_block_spec(
             config, use_transformer_engine=use_te, normalization="RMSNorm", vp_stage=vp_stage,
             pp_rank=runtime.pp_rank)
-        return _replace_modules(spec, DotProductAttention, PackedDotProductAttention)
-    if use_te:
+    elif use_te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=model.qk_norm)
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
-    spec = _replace_modules(spec, DotProductAttention, PackedDotProductAttention)
-    return _replace_modules(spec, _torch_norm_class(), RMSNormSP)
+    else:
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=model.qk_norm, normalization="RMSNorm")
+        spec = _replace_modules(spec, _torch_norm_class(), RMSNormSP)
+    # the local attention (MoE's TE block spec has none to replace)
+    return _replace_modules(spec, DotProductAttention, PackedDotProductAttention)
 
 
 class RMSNormSP:
@@ -254,6 +254,8 @@ def _replace_modules(spec, old, new):
     if dataclasses.is_dataclass(spec) and not isinstance(spec, type):
         return dataclasses.replace(spec, **{f.name: _replace_modules(getattr(spec, f.name), old, new)
                                             for f in dataclasses.fields(spec) if f.init})
+    if isinstance(spec, (list, tuple)):  # a block spec's layer_specs
+        return type(spec)(_replace_modules(item, old, new) for item in spec)
     return spec
 
 

@@ -183,3 +183,19 @@ def test_transformer_engine_gets_no_mask_for_padded_rows(runtime):
     assert _model_inputs(chunk, padded.student) == {"attention_mask": None}
     packed = collate_pairs(pairs_10x(64), 0, pack=True)
     assert _model_inputs(chunk, packed.student)["packed_seq_params"].qkv_format == "thd"
+
+
+def test_moe_local_spec_takes_packed_micro_batches(runtime):
+    """MoE models' local block spec gets the THD-capable attention too (it is built by megatron's own
+    block-spec function, not the dense path)."""
+    from megatron_opsd.models.attention import PackedDotProductAttention
+    from megatron_opsd.models.provider import build_model
+    from megatron_opsd.opsd.step import _model_inputs
+    from tests.hf_fixtures import hf_config
+
+    cfg = ModelConfig.from_hf_dict(hf_config("qwen3_moe").to_dict())
+    chunk = build_model(cfg, runtime)[0]
+    assert all(type(layer.self_attention.core_attention) is PackedDotProductAttention
+               for layer in chunk.decoder.layers)
+    packed = collate_pairs(pairs_10x(cfg.vocab_size), 0, pack=True)
+    assert _model_inputs(chunk, packed.student)["packed_seq_params"].qkv_format == "thd"
