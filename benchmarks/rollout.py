@@ -11,7 +11,9 @@ paper's sampling settings
 (T 1.1, top-k 20, top-p 0.95; ``--greedy`` for argmax) and no stop ids, so every row generates exactly
 the requested number of tokens. tokens/s = batch x new tokens / wall time of the whole call (prefill
 included). Rows:
-  ours (KV cache)      MegatronRolloutEngine: megatron-core StaticInferenceContext + sharded sampler
+  ours (KV cache)      MegatronRolloutEngine: megatron-core StaticInferenceContext + sharded sampler,
+                       linears on oneDNN-prepacked weights (``rollout/packed_linear.py``)
+  ours, unpacked       the same with ``packed_weights=False`` (torch's default CPU matmul kernels)
   HF generate          transformers LlamaForCausalLM.generate (sdpa attention, DynamicCache)
   no-cache recompute   MegatronRolloutEngine(kv_cache=False): the full sequence every step (only
                        ``--no-cache-new-tokens`` tokens: its cost grows with length, so this
@@ -94,8 +96,9 @@ def main(argv=None) -> None:
     keys = [SampleKey(0, i, 0) for i in range(args.batch)]
     sampling = dict(greedy=True) if args.greedy else dict(temperature=1.1, top_k=20, top_p=0.95)
 
-    def ours(new_tokens, kv_cache=True):
-        engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, kv_cache=kv_cache)
+    def ours(new_tokens, kv_cache=True, packed_weights=True):
+        engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, kv_cache=kv_cache,
+                                       packed_weights=packed_weights)
         out = engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new_tokens, **sampling), keys)
         assert all(len(r) == new_tokens for r in out.response_ids)
 
@@ -107,10 +110,11 @@ def main(argv=None) -> None:
         assert out.shape[1] == args.prompt_len + new_tokens
 
     runs = {"ours (KV cache)": (lambda: ours(args.new_tokens), args.new_tokens),
+            "ours, unpacked weights": (lambda: ours(args.new_tokens, packed_weights=False), args.new_tokens),
             "HF generate (KV cache)": (lambda: hf_generate(args.new_tokens), args.new_tokens),
             "no-cache recompute (ours)": (lambda: ours(args.no_cache_new_tokens, kv_cache=False),
                                           args.no_cache_new_tokens)}
-    ours(4), hf_generate(4), ours(4, kv_cache=False)  # warm-up
+    ours(4), ours(4, packed_weights=False), hf_generate(4), ours(4, kv_cache=False)  # warm-up
     best = {name: float("inf") for name in runs}
     best_cpu = dict(best)
     for _ in range(args.repeats):

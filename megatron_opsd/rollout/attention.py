@@ -21,9 +21,12 @@ replaced while a rollout runs, because on this path megatron-core 0.16.1 is slow
   in memory, as the [seq, batch, groups, dim] views it indexes (it allocates them itself only for
   layers missing from ``key_value_memory_dict``): SDPA then reads each (row, group)'s keys as one
   contiguous block instead of ``dim``-sized pieces ``batch * groups * dim`` apart. On CPU, bf16/fp16
-  attention is computed in fp32 (the cache stays bf16): torch's CPU flash kernel in bf16 took ~13 ms
-  per layer per decode step at 384 cached tokens (batch 8, 12 heads of 64; ~3.4 ms contiguous),
-  against ~1.3 ms for converting the contiguous blocks to fp32 and running it there.
+  attention is computed in fp32 and the cache itself is fp32 (``cache_dtype``; keys and values are
+  stored exactly, each new one converted once as it enters): torch's CPU flash kernel in bf16 took
+  ~13 ms per layer per decode step at 384 cached tokens (batch 8, 12 heads of 64; ~3.4 ms contiguous),
+  and converting a bf16 cache to fp32 at every step was 20% of a bf16 decode step at the same size
+  (two copies of the whole cache per layer); keys are still rotated in the model's dtype, as in the
+  training forward.
 
 Each layer's ``core_attention.forward`` is overridden on the instance (and restored afterwards), so the
 training path never sees any of this. Supported: RoPE (plain, llama3 or linear scaling), GQA, vanilla
@@ -95,7 +98,9 @@ class RolloutAttention:
 
     def allocate_cache(self, context, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Fill ``context``'s static KV cache (megatron's ``key_value_memory_dict``, keyed by layer
-        number) with buffers laid out [batch, groups, seq, dim], seen as [seq, batch, groups, dim]."""
+        number) with buffers laid out [batch, groups, seq, dim], seen as [seq, batch, groups, dim], in
+        ``cache_dtype(dtype, device)``."""
+        dtype = cache_dtype(dtype, device)
         for model in self.models:
             for layer in model.decoder.layers:
                 attention = layer.self_attention
@@ -132,7 +137,8 @@ class RolloutAttention:
         s, b, heads, d = query_sbhd.shape
         query_sbhd = self._rotate(query_sbhd)
         new_sbgd = key_kbgd[-s:]
-        new_sbgd.copy_(self._rotate(new_sbgd))  # rotated once, in place: later steps reuse it
+        # rotated once, in place (later steps reuse it), in the model's dtype even in an fp32 cache
+        new_sbgd.copy_(self._rotate(new_sbgd.to(query_sbhd.dtype)))
         # From the config: TE's core attention has no ``softmax_scale`` attribute (the local one does).
         scale = core.config.softmax_scale or 1.0 / math.sqrt(d)
         query_bhsd, key_bgkd, value_bgkd, gqa = sdpa_operands(
@@ -160,6 +166,12 @@ def sdpa_operands(query_sbhd, key_kbgd, value_kbgd, *, on_cuda: bool):
     if not on_cuda:
         return query, key, value, True
     return query, key.repeat_interleave(heads // groups, dim=1), value.repeat_interleave(heads // groups, dim=1), False
+
+
+def cache_dtype(model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's dtype: the model's, except fp32 for bf16/fp16 models on CPU, whose attention
+    runs in fp32 (see the module docstring)."""
+    return torch.float32 if device.type == "cpu" and model_dtype in (torch.bfloat16, torch.float16) else model_dtype
 
 
 def _cache_buffer(batch: int, groups: int, seq: int, dim: int, dtype: torch.dtype,

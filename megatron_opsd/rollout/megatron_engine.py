@@ -46,6 +46,7 @@ from megatron_opsd import cpu_compat
 from megatron_opsd.parallel import ParallelRuntime
 from megatron_opsd.rollout import noise
 from megatron_opsd.rollout.attention import RolloutAttention, select_cache_rows
+from megatron_opsd.rollout.packed_linear import PackedLinears, packed_kernel_available
 from megatron_opsd.losses.sharding import VocabShard, vocab_shard
 from megatron_opsd.rollout.sampler import sample_next
 from megatron_opsd.rollout.types import Rollout, SampleKey, SamplingParams
@@ -64,12 +65,13 @@ class MegatronRolloutEngine:
     ``vocab_size``: the true vocabulary (the model's may be padded; padded ids are never sampled).
     ``pad_id``: token fed at pad slots (never attended to). ``max_batch_size``: prompts per forward
     (larger requests are split; results do not depend on the split). ``kv_cache``: False recomputes
-    the full sequence every step (reference path).
+    the full sequence every step (reference path). ``packed_weights``: on CPU, run the linears on
+    oneDNN-prepacked copies of their weights while sampling (``packed_linear.py``; ignored on CUDA).
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], runtime: ParallelRuntime, *, vocab_size: int,
                  pad_id: int = 0, max_batch_size: int | None = None, kv_cache: bool = True,
-                 shared_prefill: bool = True) -> None:
+                 shared_prefill: bool = True, packed_weights: bool = True) -> None:
         self.chunks = list(chunks)
         self.runtime = runtime
         self.vocab_size = vocab_size
@@ -77,6 +79,7 @@ class MegatronRolloutEngine:
         self.max_batch_size = max_batch_size
         self.kv_cache = kv_cache
         self.shared_prefill = shared_prefill
+        self.packed_weights = packed_weights and runtime.device.type == "cpu" and packed_kernel_available()
         config = _unwrap(self.chunks[0]).config
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size={max_batch_size} must be >= 1 (or None: one batch)")
@@ -106,7 +109,7 @@ class MegatronRolloutEngine:
         rollout = Rollout()
         size = self.max_batch_size or max(len(prompts), 1)
         starts = range(0, len(prompts), size)
-        with self._inference_mode():
+        with self._inference_mode(rows=min(size, len(prompts))):
             for i in range(self._most_in_group(len(starts))):
                 if i < len(starts):
                     rollout.extend(self._generate_batch(prompts[starts[i]:starts[i] + size],
@@ -248,12 +251,16 @@ class MegatronRolloutEngine:
         return logits_bv
 
     @contextlib.contextmanager
-    def _inference_mode(self) -> Iterator[None]:
-        """Eval mode, no autograd, sharded last-position logits; everything restored on exit."""
+    def _inference_mode(self, rows: int) -> Iterator[None]:
+        """Eval mode, no autograd, sharded last-position logits, packed weights on CPU; everything
+        restored on exit."""
         modes = [c.training for c in self.chunks]
         hooks = []
+        packed = PackedLinears([_unwrap(c) for c in self.chunks], rows) if self.packed_weights else None
         try:
             self._attention.install()
+            if packed is not None:
+                packed.install()
             for chunk in self.chunks:
                 chunk.eval()
                 model = _unwrap(chunk)
@@ -267,6 +274,9 @@ class MegatronRolloutEngine:
             for hook in hooks:
                 hook.remove()
             self._attention.remove()
+            if packed is not None:
+                packed.remove()
+                self.stats["packed_products"] = packed.calls
             for chunk, mode in zip(self.chunks, modes):
                 chunk.train(mode)
                 _unwrap(chunk).set_input_tensor(None)
@@ -321,8 +331,10 @@ def _attention_keep(real_bt: torch.Tensor, slots_t: torch.Tensor, start: int, en
 def _new_stats() -> dict[str, float]:
     """Counters of the last ``generate`` call: sampled tokens kept, rows x decode steps computed (the
     static batch keeps finished rows until they are compacted away), compactions, prompts prefilled
-    (distinct ones under shared prefill) and the seconds spent prefilling."""
-    return {"tokens": 0, "row_steps": 0, "compactions": 0, "prefill_rows": 0, "prefill_s": 0.0}
+    (distinct ones under shared prefill), the seconds spent prefilling and the matrix products computed on
+    packed weights (CPU)."""
+    return {"tokens": 0, "row_steps": 0, "compactions": 0, "prefill_rows": 0, "prefill_s": 0.0,
+            "packed_products": 0}
 
 
 def _distinct_rows(prompts: list[list[int]]) -> tuple[list[int], list[int]]:

@@ -185,9 +185,10 @@ def test_bad_requests_raise(runtime, llama):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_kv_cache_is_row_major_per_head_in_the_model_dtype(runtime, dtype, monkeypatch):
+def test_kv_cache_is_row_major_per_head_and_fp32_on_cpu(runtime, dtype, monkeypatch):
     """megatron's static cache as views of [batch, groups, seq, dim] memory (each row's and group's keys
-    one contiguous block for SDPA), in the model's dtype; a bf16 model's log-probs follow the
+    one contiguous block for SDPA), fp32 on CPU (where attention runs in fp32: a bf16 cache would be
+    converted whole at every step); a bf16 model's log-probs follow the
     trainer's bf16 recomputation (bf16 logits of O(10) carry up to 0.03 of rounding each; observed
     differences <= 0.021)."""
     from megatron.core.inference import contexts
@@ -214,10 +215,62 @@ def test_kv_cache_is_row_major_per_head_in_the_model_dtype(runtime, dtype, monke
         rollout = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size).generate(PROMPTS, params)
     finally:
         hook.remove()
-    expected_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     assert len(layouts) == 8 * 2 * cfg.num_hidden_layers
-    assert set(layouts) == {(expected_dtype, True)}
+    assert set(layouts) == {(torch.float32, True)}
     ref = trainer_logprobs(chunks, runtime, PROMPTS, rollout.response_ids, vocab_size=cfg.vocab_size)
     tol = 0.05 if dtype == "bf16" else LOGPROB_TOL
     for i in range(len(PROMPTS)):
         torch.testing.assert_close(torch.tensor(rollout.model_logprobs[i]), ref[i][1.0], atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_packed_weights_compute_what_the_default_kernels_do(runtime, dtype):
+    """CPU decoding on oneDNN-prepacked weights (``rollout/packed_linear.py``) against the same engine on
+    torch's default kernels: bf16 bit for bit (the same oneDNN kernel, weights pre-reordered), fp32 the
+    same tokens and log-probs within 1e-5 (MKL's sgemm sums in another order). The packed path is
+    taken for every linear and nothing of it outlives the call."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_opsd.models.provider import ModelBuildConfig
+    from megatron_opsd.rollout.packed_linear import packed_kernel_available
+
+    if not packed_kernel_available():
+        pytest.skip("this torch build has no oneDNN packed linear")
+    chunks, cfg = megatron_from_hf(hf_model("llama"), runtime, ModelBuildConfig(dtype=dtype))
+    linears = [m for m in chunks[0].modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    runs = {}
+    for packed in (True, False):
+        eng = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, packed_weights=packed)
+        runs[packed] = eng.generate(PROMPTS, PAPER)
+        products = eng.stats["packed_products"]
+        steps = max(len(r) for r in runs[packed].response_ids)
+        assert products == (len(linears) * steps if packed else 0)
+        assert not any("_forward_impl" in vars(m) for m in linears)
+    assert runs[True].response_ids == runs[False].response_ids
+    for a, b in zip(runs[True].model_logprobs, runs[False].model_logprobs):
+        if dtype == "bf16":
+            assert a == b
+        else:
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+def test_packed_weights_leave_replaced_linears_alone(runtime, llama):
+    """A linear whose ``_forward_impl`` someone else replaced on the instance (LoRA's row-parallel
+    adapters) keeps it: packing would drop that wrapper's work."""
+    from megatron.core.tensor_parallel import RowParallelLinear
+
+    from megatron_opsd.rollout.packed_linear import PackedLinears
+
+    _, chunks, _ = llama
+    row = next(m for m in chunks[0].modules() if isinstance(m, RowParallelLinear))
+    wrapper = row._forward_impl
+    row._forward_impl = wrapper
+    try:
+        packed = PackedLinears([chunks[0]], rows=2)
+        assert row not in packed.linears and packed.linears
+        packed.install()
+        assert row._forward_impl is wrapper
+        packed.remove()
+        assert row._forward_impl is wrapper
+    finally:
+        del row._forward_impl
