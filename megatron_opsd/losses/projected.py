@@ -8,7 +8,7 @@ with the loss, as in "cut cross-entropy" kernels: for each chunk of ``c`` tokens
     s = h_S[c] W_S^T,  t = h_T[c] W_T^T                    [c, V/TP]   (teacher: no grad)
     l = token_loss(s, t)                                  [c]
     g = d(sum w * l) / ds                                  [c, V/TP]   (autograd, local to the chunk)
-    dh_S[c] = g W_S;  dW_S += g^T h_S[c]                   (fp32 accumulator for W)
+    dh_S[c] = g W_S;  dW_S += g^T h_S[c]                   (fp32 accumulator for W; the product in W's dtype)
 
 all inside the forward; the backward only scales the stored ``dh_S`` [n, H] and ``dW_S`` [V/TP, H] by
 the incoming scalar. Peak extra memory is a few ``[c, V/TP]`` buffers and one weight-sized fp32
@@ -80,9 +80,10 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
 
     Collectives per call: none of its own; ``token_loss``'s forward ones once per chunk of
     ``projection_rows`` tokens (all ranks of the TP group walk the same chunks); backward none.
-    dtypes: the matmuls run in the weight's dtype, ``dW`` accumulates in fp32 and is returned in the
-    weight's dtype. Memory while running: one ``[2c, V/TP]`` logits buffer (``[c, V/TP]`` without a
-    teacher), ``token_loss``'s gradient ``[c, V/TP]`` and workspace, the fp32 ``[V/TP, H]`` accumulator.
+    dtypes: the matmuls run in the weight's dtype (each chunk's ``dW`` product too), ``dW`` accumulates
+    over chunks in fp32 and is returned in the weight's dtype. Memory while running: one ``[2c, V/TP]``
+    logits buffer (``[c, V/TP]`` without a teacher), ``token_loss``'s gradient ``[c, V/TP]`` and
+    workspace, the fp32 ``[V/TP, H]`` accumulator (and a ``[V/TP, H]`` product buffer for bf16/fp16).
     """
     if hidden_s.dim() != 2 or weight_s.dim() != 2 or hidden_s.shape[1] != weight_s.shape[1]:
         raise ValueError(f"hidden {tuple(hidden_s.shape)} and weight {tuple(weight_s.shape)}: expected "
@@ -107,6 +108,10 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
         # teacher shares the student's weight: both sides are then projected by a single matmul.
         sides = 1 if hidden_t is None else 2
         flat = w_s.new_empty((sides * min(rows_per_chunk, num_rows), w_s.shape[0]))
+        # Low-precision weights: each chunk's dW product runs in the weight's dtype (bf16 matrix units,
+        # fp32 accumulation inside the product) into this reused buffer, then adds into the fp32
+        # accumulator; fp32 weights accumulate in place (addmm_).
+        partial_w = w_s.new_empty(w_s.shape) if need_grad_w and w_s.dtype != torch.float32 else None
         w_s_t = w_s.detach().t()
         for rows in row_chunks(num_rows, rows_per_chunk):
             n = rows.stop - rows.start
@@ -131,8 +136,10 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
                     on_chunk(s.detach(), t, per_token[rows], rows)
             if need_grad:
                 grad_h[rows] = grad_s.to(w_s.dtype) @ w_s
-                if need_grad_w:
-                    grad_w.addmm_(grad_s.t().float(), h_s[rows].float())
+                if partial_w is not None:
+                    grad_w.add_(torch.mm(grad_s.t().to(w_s.dtype), h_s[rows].detach(), out=partial_w))
+                elif need_grad_w:
+                    grad_w.addmm_(grad_s.t().float(), h_s[rows].detach().float())
             del s, t, grad_s
         return loss, grad_h, grad_w
 
