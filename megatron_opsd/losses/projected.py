@@ -108,10 +108,6 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
         # teacher shares the student's weight: both sides are then projected by a single matmul.
         sides = 1 if hidden_t is None else 2
         flat = w_s.new_empty((sides * min(rows_per_chunk, num_rows), w_s.shape[0]))
-        # Low-precision weights: each chunk's dW product runs in the weight's dtype (bf16 matrix units,
-        # fp32 accumulation inside the product) into this reused buffer, then adds into the fp32
-        # accumulator; fp32 weights accumulate in place (addmm_).
-        partial_w = w_s.new_empty(w_s.shape) if need_grad_w and w_s.dtype != torch.float32 else None
         w_s_t = w_s.detach().t()
         for rows in row_chunks(num_rows, rows_per_chunk):
             n = rows.stop - rows.start
@@ -136,10 +132,8 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
                     on_chunk(s.detach(), t, per_token[rows], rows)
             if need_grad:
                 grad_h[rows] = grad_s.to(w_s.dtype) @ w_s
-                if partial_w is not None:
-                    grad_w.add_(torch.mm(grad_s.t().to(w_s.dtype), h_s[rows].detach(), out=partial_w))
-                elif need_grad_w:
-                    grad_w.addmm_(grad_s.t().float(), h_s[rows].detach().float())
+                if need_grad_w:
+                    _add_product_(grad_w, grad_s.t().to(w_s.dtype), h_s[rows].detach())
             del s, t, grad_s
         return loss, grad_h, grad_w
 
@@ -149,3 +143,28 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
         with torch.no_grad():
             loss = run(hidden_s, weight_s)[0]
     return loss, per_token
+
+
+# Rows of the weight per block in ``_add_product_``: a [block, H] product and its fp32 copy stay small
+# (4 MiB + 8 MiB at H=256) and are reused, instead of a weight-sized temporary per chunk.
+_PRODUCT_BLOCK = 16384
+
+
+def _add_product_(acc_vh: torch.Tensor, a_vc: torch.Tensor, b_ch: torch.Tensor) -> None:
+    """``acc += a @ b`` for the fp32 dW accumulator. fp32 operands: in place (addmm_). Low-precision ones:
+    the product runs in their dtype (bf16 matrix units; fp32 accumulation inside the product), block by
+    block of rows, each block converted into a reused fp32 buffer and added. Why: a mixed-dtype
+    ``acc.add_(product)`` makes a weight-sized fp32 copy each time (fresh pages on CPU: ~3x slower than
+    the product itself), and an fp32 GEMM on upcast copies runs at a fraction of the bf16 rate; measured
+    per chunk of 110 rows at V=151,936, H=256, one thread: 44-64 ms this way, 124-132 ms for
+    ``add_(mm)``, 150-165 ms for the fp32 GEMM."""
+    if a_vc.dtype == torch.float32:
+        acc_vh.addmm_(a_vc, b_ch.float())
+        return
+    rows = min(_PRODUCT_BLOCK, acc_vh.shape[0])
+    product = a_vc.new_empty((rows, acc_vh.shape[1]))
+    product_fp32 = acc_vh.new_empty((rows, acc_vh.shape[1]))
+    for start in range(0, acc_vh.shape[0], rows):
+        n = min(rows, acc_vh.shape[0] - start)
+        torch.mm(a_vc[start:start + n], b_ch, out=product[:n])
+        acc_vh[start:start + n].add_(product_fp32[:n].copy_(product[:n]))

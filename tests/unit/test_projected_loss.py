@@ -128,9 +128,16 @@ def test_bad_shapes_are_named():
                              chunk_tokens=0)
 
 
-def test_bf16_weights_accumulate_the_weight_gradient_in_fp32():
+@pytest.mark.parametrize("block", [None, 7])
+def test_bf16_weights_accumulate_the_weight_gradient_in_fp32(block, monkeypatch):
     """bf16 hidden states and weights (GPU training): the value and gradients follow the fp64
-    reference to bf16 resolution, and the weight gradient is returned in the weight's dtype."""
+    reference to bf16 resolution, and the weight gradient is returned in the weight's dtype; also with
+    the dW product split into blocks of 7 weight rows (a ragged last one)."""
+    from megatron_opsd.losses import projected
+
+    if block is not None:
+        monkeypatch.setattr(projected, "_PRODUCT_BLOCK", block)
+        assert V % block  # a ragged last block
     h_s, w_s, h_t, w_t, mask, _ = inputs(4)
     kwargs = dict(divergence="forward_kl", temperature=1.0, clip=None, vocab_size=VOCAB)
     # the reference sees the same bf16-rounded inputs
