@@ -50,19 +50,38 @@ class _ProjectedTokenLoss(torch.autograd.Function):
     # reference and hand dW to autograd without a copy (AccumulateGrad steals a tensor nobody else
     # holds): one weight-sized buffer from the loss's forward until the parameter's grad hook.
 
+    #
+    # Under megatron-core's DDP (the weight has an fp32 ``main_grad`` and ``grad_added_to_main_grad``),
+    # dW goes straight into ``main_grad``, as megatron's own linears do with gradient accumulation
+    # fusion: no weight-sized cast to the weight's dtype and back, and the DDP hook, seeing
+    # ``grad_added_to_main_grad``, adds nothing. The parameter still receives a placeholder grad (so its
+    # hook runs, e.g. for overlapped reduction): uninitialised, never read, or zeros when megatron
+    # marks the weight ``zero_out_wgrad`` (tied to the embedding on this stage: the embedding's own
+    # gradient is summed into it and the hook adds that).
+
     @staticmethod
     def forward(ctx, hidden_nh, weight_vh, run):
         loss, ctx.grad_h, ctx.grad_w = run(hidden_nh, weight_vh)
-        ctx.weight_dtype = weight_vh.dtype
+        ctx.weight = weight_vh
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        grad_h, grad_w, weight = ctx.grad_h, ctx.grad_w, ctx.weight
         if grad_h is None:
             raise RuntimeError("projected_token_loss: backward called twice (the gradients are consumed)")
-        ctx.grad_h = ctx.grad_w = None
-        grad_w = None if grad_w is None else grad_w.mul_(grad_loss).to(ctx.weight_dtype)
+        ctx.grad_h = ctx.grad_w = ctx.weight = None
+        if grad_w is not None:
+            grad_w.mul_(grad_loss)
+            main_grad = getattr(weight, "main_grad", None)
+            if (main_grad is not None and hasattr(weight, "grad_added_to_main_grad")
+                    and main_grad.dtype == grad_w.dtype):
+                main_grad.add_(grad_w)
+                weight.grad_added_to_main_grad = True
+                new = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+                grad_w = new(weight.shape, dtype=weight.dtype, device=weight.device)
+            else:
+                grad_w = grad_w.to(weight.dtype)
         return grad_h.mul_(grad_loss), grad_w, None
 
 

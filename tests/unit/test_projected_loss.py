@@ -154,3 +154,31 @@ def test_bf16_weights_accumulate_the_weight_gradient_in_fp32(block, monkeypatch)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=3e-2, atol=3e-2 * ref_loss.abs().item())
     torch.testing.assert_close(h.grad.double(), ref_gh, rtol=5e-2, atol=2e-2 * ref_gh.abs().max().item())
     torch.testing.assert_close(w.grad.double(), ref_gw, rtol=5e-2, atol=2e-2 * ref_gw.abs().max().item())
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_weight_gradient_goes_into_megatron_main_grad(tied):
+    """Under megatron-core's DDP the weight carries an fp32 ``main_grad`` (holding earlier micro-batches'
+    gradients) and ``grad_added_to_main_grad``: dW x the incoming scale is added there, the flag is set
+    (so DDP's hook adds nothing more), and the placeholder grad is zeros for a weight megatron marks
+    ``zero_out_wgrad`` (tied to the embedding, whose own gradient arrives through the same leaf and must
+    survive: here a second use of the weight stands in for the embedding)."""
+    h_s, w_s, h_t, w_t, mask, _ = inputs(5)
+    kwargs = dict(divergence="forward_kl", temperature=1.0, clip=None, vocab_size=VOCAB)
+    token_loss = lambda s, t, rows: vocab_parallel_divergence(s, t, **kwargs)  # noqa: E731
+    _, ref_gh, ref_gw = reference(h_s, w_s, h_t, w_t, mask, lambda s, t: ref.divergence(s, t, **kwargs))
+    earlier = torch.randn(V, H, dtype=torch.float64)
+    h = h_s.float().requires_grad_()
+    w = w_s.float().requires_grad_()
+    w.main_grad = earlier.float().clone()
+    w.grad_added_to_main_grad = False
+    if tied:
+        w.zero_out_wgrad = True
+    loss, _ = projected_token_loss(h, w, h_t.float(), w_t.float(), token_loss, mask.float(), chunk_tokens=4)
+    other_use = (w * 0.5).sum() if tied else 0.0  # d/dw = 0.5 everywhere
+    (3.0 * loss + other_use).backward()
+    assert w.grad_added_to_main_grad
+    torch.testing.assert_close(w.main_grad.double(), earlier + 3.0 * ref_gw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(h.grad.double(), 3.0 * ref_gh, rtol=1e-5, atol=1e-6)
+    if tied:  # the embedding's gradient is what the hook will add
+        torch.testing.assert_close(w.grad, torch.full_like(w, 0.5))
