@@ -28,6 +28,7 @@ from collections.abc import Callable
 import torch
 
 from megatron_opsd.losses.sharding import row_chunks, rows_within_budget
+from megatron_opsd.losses.vocab_parallel import gradient_in_forward
 
 # Elements per [c, V/TP] logits buffer when the caller does not choose the chunk: large enough that
 # the three matmuls per chunk read W a handful of times per micro-batch, small next to the weights.
@@ -139,7 +140,7 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
                         torch.mm(hidden_t[rows], weight_t.t(), out=flat[n:2 * n])
                 s = flat[:n].detach()
                 t = None if hidden_t is None else flat[n:2 * n]
-            with torch.enable_grad():
+            with torch.enable_grad(), gradient_in_forward():  # differentiated right away, on c rows
                 s.requires_grad_(need_grad)
                 loss_c = token_loss(s, t, rows)
                 weighted = (loss_c * token_weights[rows]).sum()

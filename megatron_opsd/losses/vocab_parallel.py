@@ -16,7 +16,8 @@ fp32, gradients are returned in the logits' dtype. Temperature: z = logits / T f
 Memory policy: autograd Functions save only their inputs (no copies) and O(n) fp32 statistics. Forward
 and backward walk the tokens in chunks of ``c`` rows, so the extra memory is a few fp32 ``[c, v]``
 buffers (plus the gradient itself) whatever n is. Backward recomputes probabilities from the saved
-inputs and statistics and issues no collective.
+inputs and statistics and issues no collective (or, for the divergence under ``gradient_in_forward``,
+only scales the gradient its forward computed).
 
 Collectives: each docstring states them. Kernels that need probabilities in forward exchange a chunk's
 normalisers right away (1 small all-gather per chunk) so that one exp per entry serves both the
@@ -161,6 +162,33 @@ def topk_ids(x_nv: torch.Tensor, k: int, shard: VocabShard) -> torch.Tensor:
 # Autograd Functions
 
 
+class _GradientInForward:
+    """``gradient_in_forward()``: while active, ``vocab_parallel_divergence`` computes the student's
+    gradient (up to the incoming per-token scale) in its forward pass, from the probabilities it has at
+    hand, and its backward only scales it, instead of recomputing both distributions chunk by chunk.
+
+    For callers that differentiate right after the forward, on a bounded number of rows: the fused
+    projection (``losses.projected``), whose ``[c, V/TP]`` chunk logits are fresh. The gradient is then
+    held from forward to backward, one ``[n, V/TP]`` tensor in the logits' dtype (the size of the
+    gradient backward returns anyway). Collectives: one more all-reduce of [c] per chunk (the row sums
+    G, needed before the chunk's buffers are reused); none at TP=1.
+    """
+
+    active = False
+
+    def __call__(self):
+        return self
+
+    def __enter__(self):
+        self._was, _GradientInForward.active = _GradientInForward.active, True
+
+    def __exit__(self, *exc):
+        _GradientInForward.active = self._was
+
+
+gradient_in_forward = _GradientInForward()
+
+
 class _VocabParallelDivergence(torch.autograd.Function):
     """Per-token Σ_v min(ℓ_v, τ) between vocab-sharded student and teacher logits (see ``terms``).
 
@@ -171,7 +199,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
     backward 0. With tp_group=None: none.
     Gradient: ∂/∂s_j = (g_j [ℓ_j <= τ] − p_S,j G) / T with G summed over the unclipped entries, so a
     clipped entry contributes nothing. G comes from forward; backward recomputes ℓ, g and p_S chunk by
-    chunk from the saved inputs and the saved normalisers.
+    chunk from the saved inputs and the saved normalisers (under ``gradient_in_forward``, forward
+    writes (g − p_S G) / T as it goes, after one more all-reduce of the chunk's G, and backward scales it).
     Memory: saves the inputs and 5 fp32 [n] statistics; five fp32 [c, v] buffers while running.
     """
 
@@ -183,23 +212,33 @@ class _VocabParallelDivergence(torch.autograd.Function):
         log_norm_2n = torch.empty_like(shift_2n)
         sums_2n = torch.zeros_like(shift_2n)  # [value, G]
         ws = _workspace(5, rows, s_nv.shape[0], shard, s_nv.device)
+        # gradient_in_forward: the gradient / incoming scale, (g − p_S G) / T, written chunk by chunk
+        ctx.grad_nv = _empty_grad(student_nv, shard) if _GradientInForward.active and ctx.needs_input_grad[0] \
+            else None
         for chunk in row_chunks(s_nv.shape[0], rows):
             logp_s, p_s, logp_t, p_t, scratch = ws[:, : chunk.stop - chunk.start]
             shift_2n[:, chunk], log_norm_2n[:, chunk] = _chunk_distributions(
                 [s_nv[chunk], t_nv[chunk]], shard, temperature, [logp_s, p_s, logp_t, p_t])
             entry_cv, grad_cv = terms(logp_s, logp_t, p_s, p_t, scratch, beta, need_entry=True)
             if clip is not None:
-                grad_cv.mul_(torch.le(entry_cv, clip, out=p_s))  # clipped entries: no gradient
+                grad_cv.mul_(torch.le(entry_cv, clip, out=scratch))  # clipped entries: no gradient
                 entry_cv.clamp_max_(clip)
             sums_2n[0, chunk] = entry_cv.sum(dim=-1)
             sums_2n[1, chunk] = grad_cv.sum(dim=-1)
+            if ctx.grad_nv is not None:
+                g_sum_c = all_reduce_sum_(sums_2n[1, chunk].clone(), shard)
+                ctx.grad_nv[chunk, : shard.num_valid] = grad_cv.sub_(p_s.mul_(g_sum_c[:, None])).div_(temperature)
         all_reduce_sum_(sums_2n, shard)
-        ctx.save_for_backward(student_nv, teacher_nv, shift_2n, log_norm_2n, sums_2n[1].clone())
+        if ctx.grad_nv is None:
+            ctx.save_for_backward(student_nv, teacher_nv, shift_2n, log_norm_2n, sums_2n[1].clone())
         ctx.config = (terms, beta, clip, temperature, shard, rows)
         return sums_2n[0].clone()
 
     @staticmethod
     def backward(ctx, grad_n):
+        if ctx.grad_nv is not None:  # gradient_in_forward
+            grad_nv, ctx.grad_nv = ctx.grad_nv, None
+            return grad_nv.mul_(grad_n[:, None]), None, None, None, None, None, None, None  # one rounding
         student_nv, teacher_nv, shift_2n, log_norm_2n, g_sum_n = ctx.saved_tensors
         terms, beta, clip, temperature, shard, rows = ctx.config
         grad_nv = _empty_grad(student_nv, shard)

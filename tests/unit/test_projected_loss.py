@@ -182,3 +182,48 @@ def test_weight_gradient_goes_into_megatron_main_grad(tied):
     torch.testing.assert_close(h.grad.double(), 3.0 * ref_gh, rtol=1e-5, atol=1e-6)
     if tied:  # the embedding's gradient is what the hook will add
         torch.testing.assert_close(w.grad, torch.full_like(w, 0.5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("divergence,clip", [("forward_kl", 0.02), ("forward_kl", None), ("jsd", None),
+                                             ("reverse_kl", 0.05)])
+def test_gradient_in_forward_equals_the_recomputing_backward(divergence, clip, dtype, monkeypatch):
+    """``gradient_in_forward`` (the fused projection's mode: the divergence's forward writes the gradient,
+    backward only scales it) against the default backward, which recomputes both distributions; in
+    that mode the backward never recomputes a log-probability (``_log_probs`` is not called)."""
+    from megatron_opsd.losses import vocab_parallel
+
+    gen = torch.Generator().manual_seed(7)
+    s = (torch.randn(N, V, generator=gen, dtype=torch.float64) * 2).to(dtype)
+    t = (s.double() + torch.randn(N, V, generator=gen, dtype=torch.float64)).to(dtype)
+    scale = torch.rand(N, generator=gen)
+    kwargs = dict(divergence=divergence, temperature=1.3, clip=clip, vocab_size=VOCAB, chunk_size=4)
+
+    def value_and_grad():
+        leaf = s.clone().requires_grad_()
+        value = vocab_parallel_divergence(leaf, t, **kwargs)
+        return value, torch.autograd.grad((value * scale).sum(), leaf)[0]
+
+    value, grad = value_and_grad()
+
+    def no_recomputation(*args, **kwargs):
+        raise AssertionError("backward recomputed the log-probabilities")
+
+    with vocab_parallel.gradient_in_forward():
+        monkeypatch.setattr(vocab_parallel, "_log_probs", no_recomputation)
+        value_f, grad_f = value_and_grad()
+    assert not vocab_parallel.gradient_in_forward.active
+    torch.testing.assert_close(value_f, value, rtol=0, atol=0)
+    assert grad_f.dtype == dtype and grad_f[:, VOCAB:].eq(0).all()
+    # fp32 math on both paths, from probabilities rounded differently (e·exp(−offset) in forward,
+    # exp(log p) in backward: ~1e-7 relative each, and g − p_S G cancels: observed 2e-8 absolute);
+    # bf16: one more rounding of the returned gradient
+    tol = dict(rtol=1e-5, atol=1e-7) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-4)
+    torch.testing.assert_close(grad_f.double(), grad.double(), **tol)
+    # the fused projection differentiates right after each chunk's forward: it runs in this mode
+    h_s, w_s, h_t, _, mask, _ = inputs(8)
+    h_s.requires_grad_()
+    loss, _ = projected_token_loss(h_s, w_s, h_t, w_s, lambda s_, t_, rows: vocab_parallel_divergence(s_, t_, **kwargs),
+                                   mask, chunk_tokens=5)
+    loss.backward()
+    assert h_s.grad is not None
