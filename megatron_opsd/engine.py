@@ -175,10 +175,16 @@ def forward_backward(
     if runtime.vpp is not None and not isinstance(data_iterators, list):
         data_iterators = [data_iterators] * runtime.vpp
     schedule = get_forward_backward_func()
+
+    def forward_then_release(data_iterator, model):
+        output = forward_step(data_iterator, model)
+        cpu_compat.release_free_heap()  # before the loss, the step's peak: the forward's freed pages
+        return output
+
     try:
         with cpu_compat.placement_context():
             return schedule(
-                forward_step_func=forward_step,
+                forward_step_func=forward_then_release,
                 data_iterator=data_iterators,
                 model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
                 num_microbatches=num_microbatches,
