@@ -2,6 +2,7 @@
 
     python benchmarks/vs_trl.py --trl-python /path/to/trl-venv/bin/python           # ~25 min on 2 cores
     python benchmarks/vs_trl.py --trl-python /path/to/trl-venv/bin/python --quick   # tiny smoke run
+    python benchmarks/vs_trl.py --ours-only                                         # our side alone
 
 TRL runs in its own environment (``benchmarks/requirements-vs-trl.txt``: TRL 1.16 on the CPU torch);
 this script never imports it outside that environment's child process.
@@ -23,8 +24,8 @@ weights on the teacher context), AdamW lr 1e-5, gradient clip 1.0.
 
 Each side and precision runs in a fresh process (its environment's python, OMP_NUM_THREADS=--threads),
 one warm-up step then ``--repeats`` timed steps (``--long-repeats`` at the B=4 cases); times are medians:
-step = rollout + train (TRL: its trainer's step, from step begin to step end), rollout = generation alone. Peak = the child's max RSS. Our peak is split into the interpreter (RSS after the
-imports), weights, fp32 gradient buffers, optimizer state (fp32 main weights where they are a copy, Adam's
+step = rollout + train (TRL: its trainer's step, from step begin to step end), rollout = generation alone. Peak = the child's max RSS. Our peak is split into the interpreter (RSS after
+importing torch, megatron-core and our package), weights, fp32 gradient buffers, optimizer state (fp32 main weights where they are a copy, Adam's
 two moments) and the rest (activations, KV cache, allocator slack).
 
 TRL at long responses would need more memory than the machine has (its [B, R, V] logits, kept in several
@@ -102,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="TRL runs a case only if its estimated peak fits (default: 90%% of MemAvailable)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (model, checkpoints)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one timed step (smoke run)")
+    p.add_argument("--ours-only", action="store_true",
+                   help="run our side alone: the main and long cases, no TRL process and no TRL fit cases")
     p.add_argument("--child", help=argparse.SUPPRESS)
     if p.parse_known_args(argv)[0].quick:  # tiny defaults; options given explicitly still win
         p.set_defaults(**QUICK)
@@ -136,7 +139,7 @@ def _lengths(text: str) -> list[int]:
 def cases(args) -> list[Case]:
     """The main case, TRL's memory-fit points, then the long cases (in running order)."""
     return ([Case(args.batch, args.response, "main")]
-            + [Case(args.long_batch, r, "fit") for r in args.fit_responses]
+            + [Case(args.long_batch, r, "fit") for r in ([] if args.ours_only else args.fit_responses)]
             + [Case(args.long_batch, r, "long") for r in args.long_responses])
 
 
@@ -181,8 +184,9 @@ def _cell(ours: dict | None, trl: dict | None, key: str, digits: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """rows: {case, precision, ours, trl, trl_estimate_gib}; ours/trl: a child's result, {"error": ...}
-    or None (TRL: not run because it does not fit, ``trl_estimate_gib`` its estimate)."""
+    """rows: {case, precision, ours, trl, trl_estimate_gib, trl_skipped}; ours/trl: a child's result,
+    {"error": ...} or None (TRL: not run, because it does not fit, ``trl_estimate_gib`` its estimate, or
+    for the reason ``trl_skipped``)."""
     lines = ["| case | precision (ours / TRL) | step s: ours / TRL (ratio) | rollout s | train s | "
              "peak RSS GiB |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -194,7 +198,7 @@ def format_table(rows: list[dict]) -> str:
             ours_ok = ours is not None and "error" not in ours
             ours_peak = f"{ours['peak_gib']:.2f}" if ours_ok else ("failed" if ours else "-")
             if estimate is None:
-                cells[-1] = f"{ours_peak} / not run (no estimate)"
+                cells[-1] = f"{ours_peak} / not run ({row.get('trl_skipped') or 'no estimate'})"
             else:
                 ratio = f" (~{ours['peak_gib'] / estimate:.2f} vs estimate)" if ours_ok else ""
                 cells[-1] = f"{ours_peak} / does not fit (~{estimate:.1f} GiB){ratio}"
@@ -301,6 +305,11 @@ def ours_child(spec: dict) -> dict:
     from megatron_opsd.opsd.step import train_step
     from megatron_opsd.parallel import ParallelConfig, init_parallel, shutdown
     from megatron_opsd.rollout import MegatronRolloutEngine, SampleKey, SamplingParams
+
+    # our modules import megatron-core lazily: without these its ~0.13 GiB would count as activations
+    import megatron.core.distributed  # noqa: F401
+    import megatron.core.models.gpt  # noqa: F401
+    import megatron.core.optimizer  # noqa: F401
 
     interpreter = _rss_gib()
     runtime = init_parallel(ParallelConfig(), seed=0)
@@ -477,7 +486,7 @@ def main(argv=None) -> None:
                 budget = args.trl_budget_gib or 0.9 * mem_available_gib()
                 estimate, run = trl_estimate(points[precision], case.tokens, budget)
                 trl, label = None, trl_dtype
-                if case.role != "long" or run:
+                if (case.role != "long" or run) and not args.ours_only:
                     trl = spawn(args.trl_python, {**spec, "side": "trl", "dtype": trl_dtype,
                                                   "out_dir": str(tmp / "trl-out")}, tmp, args.threads)
                     if "error" in trl and precision == "best" and trl_fp32 is not None:
@@ -485,13 +494,14 @@ def main(argv=None) -> None:
                     if "error" not in trl:
                         points[precision].append((case.tokens, trl["peak_gib"]))
                         estimate = None
-                else:
+                elif not args.ours_only:
                     why = "no estimate" if estimate is None else f"estimated {estimate:.1f} GiB > {budget:.1f} GiB"
                     print(f"[vs_trl] TRL {trl_dtype} {case.name}: not run ({why})", file=sys.stderr, flush=True)
                 if precision == "fp32":
                     trl_fp32 = trl
                 rows.append({"case": case.name, "role": case.role, "precision": f"{ours_dtype} / {label}",
                              "dtype": ours_dtype, "ours": ours, "trl": trl, "trl_estimate_gib": estimate,
+                             "trl_skipped": "--ours-only" if args.ours_only else None,
                              "largest_case": largest.name if largest else None})
     finally:
         if not args.keep:

@@ -92,8 +92,36 @@ def build_optimizer(ddp_chunks: list[torch.nn.Module], runtime: ParallelRuntime,
         initial_loss_scale=optim.initial_loss_scale,  # fp16: megatron's dynamic scaler (unused otherwise)
         use_distributed_optimizer=runtime.config.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(config, ddp_chunks, pg_collection=runtime.pg_collection,
-                                  use_gloo_process_groups=False)
+    optimizer = get_megatron_optimizer(config, ddp_chunks, pg_collection=runtime.pg_collection,
+                                       use_gloo_process_groups=False)
+    for inner in _torch_optimizers(optimizer):
+        _fuse_cpu_adamw(inner)
+    return optimizer
+
+
+def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside a megatron optimizer (a chain has one per parameter kind)."""
+    found = [getattr(opt, "optimizer", None) for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+    return [opt for opt in found if isinstance(opt, torch.optim.Optimizer)]
+
+
+def _fuse_cpu_adamw(optimizer: torch.optim.Optimizer) -> None:
+    """Without Transformer Engine or Apex megatron-core falls back to ``torch.optim.AdamW``, which on CPU
+    runs its per-tensor update: ``exp_avg_sq.sqrt() / bias_correction`` makes two temporaries the size of
+    the largest parameter (a [V, H] vocabulary matrix: 2 x 148 MiB fp32 at V=151,936, H=256) at the top of
+    the step's memory. Its fused CPU kernel updates every tensor in place (and sooner). The param groups
+    a checkpoint loads come from the checkpoint, so the flag is set again after ``load_state_dict``."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    if type(optimizer) is not torch.optim.AdamW or not params or any(p.device.type != "cpu" for p in params):
+        return
+
+    def fuse(opt: torch.optim.Optimizer) -> None:
+        for group in opt.param_groups:
+            group["fused"], group["foreach"] = True, False
+
+    optimizer.defaults.update(fused=True, foreach=False)
+    fuse(optimizer)
+    optimizer.register_load_state_dict_post_hook(fuse)
 
 
 def build_scheduler(optimizer, optim: OptimConfig, total_steps: int):
@@ -147,10 +175,16 @@ def forward_backward(
     if runtime.vpp is not None and not isinstance(data_iterators, list):
         data_iterators = [data_iterators] * runtime.vpp
     schedule = get_forward_backward_func()
+
+    def forward_then_release(data_iterator, model):
+        output = forward_step(data_iterator, model)
+        cpu_compat.release_free_heap()  # before the loss, the step's peak: the forward's freed pages
+        return output
+
     try:
         with cpu_compat.placement_context():
             return schedule(
-                forward_step_func=forward_step,
+                forward_step_func=forward_then_release,
                 data_iterator=data_iterators,
                 model=ddp_chunks if len(ddp_chunks) > 1 else ddp_chunks[0],
                 num_microbatches=num_microbatches,

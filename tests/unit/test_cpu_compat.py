@@ -71,3 +71,25 @@ def test_version_is_asserted(monkeypatch):
 
     with pytest.raises(RuntimeError, match="written for megatron-core 0.0.1"):
         cpu_compat.check_version()
+
+
+def test_release_free_heap_gives_freed_tensor_pages_back():
+    out = _run("""
+        import torch
+        from megatron_opsd import cpu_compat
+        assert cpu_compat.apply() is True
+
+        def rss_mib():
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) // 1024
+
+        big = torch.ones(16 << 20, dtype=torch.uint8)
+        del big  # glibc raises its mmap threshold to 16 MiB: smaller tensors now live in the heap
+        blocks = [torch.ones(1 << 18) for _ in range(256)]  # 256 x 1 MiB
+        pin = torch.ones(16)  # a live block above them: the heap's top cannot shrink by itself
+        del blocks
+        before = rss_mib()
+        cpu_compat.release_free_heap()
+        print(before - rss_mib())
+    """)
+    assert int(out.split()[-1]) > 200  # MiB given back of the 256 freed

@@ -97,3 +97,12 @@ def test_memory_table_lists_our_parts_and_skips_failed_runs():
             {"case": "B=4, R=128", "dtype": "fp32", "ours": {"error": "exit 1"}}]
     lines = vs_trl.format_memory(rows).splitlines()
     assert lines[2:] == ["| B=8, R=256 | fp32 | 2.50 | 0.40 | 0.30 | 0.30 | 0.60 | 0.90 |"]
+
+
+def test_ours_only_drops_trl_and_its_fit_cases():
+    args = vs_trl.parse_args(["--ours-only", "--long-responses", "1024"])
+    assert [(c.batch, c.response, c.role) for c in vs_trl.cases(args)] == [(8, 256, "main"), (4, 1024, "long")]
+    row = {"case": "B=8, R=256", "role": "main", "precision": "bf16 / bf16", "dtype": "bf16",
+           "ours": _result(10.0, 5.0, 1.9), "trl": None, "trl_estimate_gib": None, "trl_skipped": "--ours-only"}
+    assert vs_trl.format_table([row]).splitlines()[2].endswith("| 1.90 / not run (--ours-only) |")
+    assert vs_trl.target_lines([row]) == []
