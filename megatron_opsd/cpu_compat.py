@@ -205,6 +205,38 @@ def release_free_heap() -> None:
         trim(0)
 
 
+# Elements per block of ``add_embedding_grads_blockwise``'s additions (16 MiB of fp32).
+_GRAD_ADD_BLOCK = 1 << 22
+
+
+def add_embedding_grads_blockwise(ddp_chunks) -> None:
+    """Why: megatron's DDP hook adds each bf16/fp16 gradient to its fp32 ``main_grad`` with one mixed-dtype
+    ``add_``, which on CPU first converts the whole gradient into a fresh fp32 copy: for the word
+    embedding's dense [V, H] gradient 148 MiB at V=151,936, H=256, the top of a bf16 step's backward. A
+    hook on the embedding weight adds its gradient block by block (a 16 MiB conversion at most) and marks
+    it ``grad_added_to_main_grad``, so megatron's hook adds nothing more, as after its own fused linears
+    (the hook adds at every micro-batch: the flag is megatron's, reset with the gradient buffer). The
+    output layer needs none: the fused projection puts its dW into ``main_grad`` itself. Skipped for an
+    embedding tied to the output layer on this stage (``zero_out_wgrad``: megatron's hook adds the sum).
+    CPU only; a no-op without this module's patches."""
+    if not _applied:
+        return
+    for chunk in ddp_chunks:
+        embedding = getattr(chunk.module, "embedding", None)
+        weight = None if embedding is None else embedding.word_embeddings.weight
+        if (weight is not None and weight.requires_grad and getattr(weight, "main_grad", None) is not None
+                and weight.main_grad.dtype != weight.dtype and hasattr(weight, "grad_added_to_main_grad")
+                and not getattr(weight, "zero_out_wgrad", False)):
+            weight.register_hook(functools.partial(_add_in_blocks, weight))
+
+
+def _add_in_blocks(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+    flat_main, flat_grad = param.main_grad.view(-1), grad.reshape(-1)
+    for start in range(0, flat_grad.numel(), _GRAD_ADD_BLOCK):
+        flat_main[start:start + _GRAD_ADD_BLOCK].add_(flat_grad[start:start + _GRAD_ADD_BLOCK])
+    param.grad_added_to_main_grad = True
+
+
 def enabled() -> bool:
     return _applied
 

@@ -86,7 +86,9 @@ def test_release_free_heap_gives_freed_tensor_pages_back():
         big = torch.ones(16 << 20, dtype=torch.uint8)
         del big  # glibc raises its mmap threshold to 16 MiB: smaller tensors now live in the heap
         blocks = [torch.ones(1 << 18) for _ in range(256)]  # 256 x 1 MiB
-        pin = torch.ones(16)  # a live block above them: the heap's top cannot shrink by itself
+        # a live block above them, so the heap's top cannot shrink by itself (a tiny one could be
+        # served from a free list anywhere below, and free() would then trim the blocks itself)
+        pin = torch.ones(1 << 16)
         del blocks
         before = rss_mib()
         cpu_compat.release_free_heap()

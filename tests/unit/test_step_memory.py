@@ -96,3 +96,45 @@ def test_fused_flag_survives_loading_a_state_dict_without_it(model):
         group["fused"] = None
     inner.load_state_dict(state)
     assert all(group["fused"] is True and group["foreach"] is False for group in inner.param_groups)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_bf16_embedding_gradient_is_added_without_an_fp32_copy(runtime, monkeypatch, tied):
+    """A bf16 model's word-embedding gradient reaches its fp32 ``main_grad`` block by block over two
+    micro-batches: the same sums as megatron's own hook (bit for bit), with no allocation of an fp32
+    copy of the gradient (megatron's mixed-dtype ``add_`` makes one: 2x the bf16 gradient's bytes).
+    A tied embedding (``zero_out_wgrad``) is left to megatron's hook."""
+    from dataclasses import replace
+
+    from megatron_opsd import cpu_compat
+    from megatron_opsd.engine import wrap_ddp
+    from megatron_opsd.models.provider import ModelBuildConfig, build_model
+
+    monkeypatch.setattr(cpu_compat, "_GRAD_ADD_BLOCK", 1000)  # several blocks, a ragged last one
+    cfg = replace(tiny(), tie_word_embeddings=tied)
+    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    positions = torch.arange(16).expand(2, 16)
+
+    def embedding_grads(hooked: bool):
+        if not hooked:
+            monkeypatch.setattr(cpu_compat, "add_embedding_grads_blockwise", lambda chunks: None)
+        torch.manual_seed(0)
+        ddp = wrap_ddp(build_model(cfg, runtime, ModelBuildConfig(dtype="bf16")), runtime)
+        model = ddp[0].module
+        weight = model.embedding.word_embeddings.weight
+        ddp[0].zero_grad_buffer()
+        largest = 0
+        for scale in (1.0, 3.0):  # two micro-batches
+            out = model.embedding(tokens, positions)
+            largest = max(largest, largest_allocation(lambda: (out.float().sum() * scale).backward()))
+        monkeypatch.undo()
+        monkeypatch.setattr(cpu_compat, "_GRAD_ADD_BLOCK", 1000)
+        return weight.main_grad.clone(), largest, weight
+
+    grads, largest, weight = embedding_grads(hooked=True)
+    reference, reference_largest, _ = embedding_grads(hooked=False)
+    assert weight.dtype == torch.bfloat16 and bool(reference.abs().sum() > 0)
+    assert torch.equal(grads, reference)
+    bf16_grad_bytes = weight.numel() * 2
+    assert reference_largest >= 2 * bf16_grad_bytes  # megatron's hook: the fp32 copy
+    assert (largest >= 2 * bf16_grad_bytes) == tied
