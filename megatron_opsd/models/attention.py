@@ -7,8 +7,15 @@ their total length instead of the sum of their squares. ``PackedDotProductAttent
 THD path instead, as Transformer Engine's attention does on GPU: megatron's ``Attention`` squeezes the
 batch dimension and rotates each sequence from position 0 by ``cu_seqlens`` itself, and this module
 runs causal ``scaled_dot_product_attention`` on each sequence's own [n, heads, d] block (a fused
-kernel on CPU and CUDA: the scores are never stored for backward). Without ``PackedSeqParams`` (padded
-micro-batches, rollouts) it is megatron's ``DotProductAttention`` unchanged.
+kernel on CPU and CUDA: the scores are never stored for backward).
+
+Padded micro-batches (a boolean [b, 1, sq, sk] mask, True = masked, megatron's convention) go to the
+same fused SDPA with that mask, each query also allowed its own key so that no row is empty (a padded
+query's output is never read; a real query attends to itself under any causal mask anyway): megatron's
+unfused path keeps the fp32 [b, heads, sq, sk] probabilities for backward, ~85 MiB per layer at b=8,
+384 tokens, 4 heads, against ~17 MiB, and takes ~1.5x the time (fp32, one CPU thread). Attention
+dropout, query-key layer scaling, softmax offsets, windows, biases or a non-boolean mask keep
+megatron's ``DotProductAttention`` unchanged.
 """
 
 from __future__ import annotations
@@ -26,8 +33,17 @@ class PackedDotProductAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if packed_seq_params is None:
-            return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
-                                   attention_bias=attention_bias)
+            if not self._fused_padded(attention_mask, attention_bias):
+                return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
+                                       attention_bias=attention_bias)
+            # query [sq, b, heads, d], key/value [sk, b, groups, d] -> [b, heads or groups, s, d]
+            q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))
+            sq, sk = q.shape[2], k.shape[2]
+            slots = torch.arange(sk, device=q.device)
+            keep = ~attention_mask | (slots[None, :] == slots[sk - sq:, None])  # and each query's own key
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.softmax_scale,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+            return out.permute(2, 0, 1, 3).reshape(sq, out.shape[0], self.hidden_size_per_partition)
         if packed_seq_params.qkv_format != "thd" or attention_bias is not None or attention_mask is not None:
             raise ValueError("packed attention takes THD PackedSeqParams without a mask or bias")
         if self.softmax_offset is not None or self.scale_mask_softmax.window_size is not None:
@@ -47,3 +63,10 @@ class PackedDotProductAttention(DotProductAttention):
             blocks.append(out[0].transpose(0, 1))  # [n, heads, d]
         context = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
         return context.reshape(context.shape[0], self.hidden_size_per_partition)
+
+    def _fused_padded(self, attention_mask, attention_bias) -> bool:
+        """Whether a padded micro-batch can go to SDPA (see the module docstring)."""
+        return (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+                and attention_bias is None and self.softmax_offset is None
+                and self.scale_mask_softmax.window_size is None and not self.config.apply_query_key_layer_scaling
+                and not (self.training and self.attention_dropout.p > 0))
