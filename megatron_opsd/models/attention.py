@@ -9,13 +9,15 @@ batch dimension and rotates each sequence from position 0 by ``cu_seqlens`` itse
 runs causal ``scaled_dot_product_attention`` on each sequence's own [n, heads, d] block (a fused
 kernel on CPU and CUDA: the scores are never stored for backward).
 
-Padded micro-batches (a boolean [b, 1, sq, sk] mask, True = masked, megatron's convention) go to the
-same fused SDPA with that mask, each query also allowed its own key so that no row is empty (a padded
-query's output is never read; a real query attends to itself under any causal mask anyway): megatron's
-unfused path keeps the fp32 [b, heads, sq, sk] probabilities for backward, ~85 MiB per layer at b=8,
-384 tokens, 4 heads, against ~17 MiB, and takes ~1.5x the time (fp32, one CPU thread). Attention
-dropout, query-key layer scaling, softmax offsets, windows, biases or a non-boolean mask keep
-megatron's ``DotProductAttention`` unchanged.
+Padded micro-batches (a boolean [b, 1, sq, sk] mask, True = masked, megatron's convention) that
+autograd will differentiate go to the same fused SDPA with that mask, each query also allowed its own
+key so that no row is empty (a padded query's output is never read; a real query attends to itself
+under any causal mask anyway): megatron's unfused path keeps the fp32 [b, heads, sq, sk]
+probabilities for backward, ~85 MiB per layer at b=8, 384 tokens, 4 heads, against ~17 MiB, and
+takes ~1.5x the time (fp32, one CPU thread). Without autograd (teacher forwards, evaluation,
+``tools/verify_conversion.py``) nothing is stored and megatron's path stays, bit for bit the same as
+HF's eager attention at TP1. Attention dropout, query-key layer scaling, softmax offsets, windows,
+biases or a non-boolean mask keep megatron's ``DotProductAttention`` too.
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ class PackedDotProductAttention(DotProductAttention):
 
     def _fused_padded(self, attention_mask, attention_bias) -> bool:
         """Whether a padded micro-batch can go to SDPA (see the module docstring)."""
-        return (attention_mask is not None and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
+        return (torch.is_grad_enabled() and attention_mask is not None and attention_mask.dtype == torch.bool
+                and attention_mask.dim() == 4
                 and attention_bias is None and self.softmax_offset is None
                 and self.scale_mask_softmax.window_size is None and not self.config.apply_query_key_layer_scaling
                 and not (self.training and self.attention_dropout.p > 0))

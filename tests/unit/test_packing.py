@@ -199,3 +199,48 @@ def test_moe_local_spec_takes_packed_micro_batches(runtime):
                for layer in chunk.decoder.layers)
     packed = collate_pairs(pairs_10x(cfg.vocab_size), 0, pack=True)
     assert _model_inputs(chunk, packed.student)["packed_seq_params"].qkv_format == "thd"
+
+
+def test_padded_rows_with_autograd_take_sdpa_equal_to_megatrons_attention(runtime, monkeypatch):
+    """A padded micro-batch under autograd goes to SDPA with its mask: the same output and input
+    gradients as megatron's unfused ``DotProductAttention`` (fp64, right- and left-padded rows, GQA);
+    without autograd megatron's path runs (bit for bit HF's eager attention in the conversion check)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_opsd.models import attention
+    from megatron_opsd.models.provider import build_model
+
+    chunk = build_model(tiny(), runtime)[0].double()
+    core = chunk.decoder.layers[0].self_attention.core_attention
+    s, b, heads, groups, d = 12, 3, 4, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(s, b, n, d, generator=gen, dtype=torch.float64) for n in (heads, groups, groups))
+    real = torch.ones(b, s, dtype=torch.bool)
+    real[0, 9:] = False  # right padding
+    real[1, :4] = False  # left padding: its first queries see no real key
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    mask = ~(causal[None] & real[:, None, :])[:, None]  # True = masked, [b, 1, s, s]
+
+    # real queries only: a padded query's output is never read (megatron's path gives it a uniform row)
+    rows = real.t()[:, :, None].expand(s, b, heads * d)
+
+    def run(forward):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out = forward(core, *leaves, mask)
+        out.backward(rows.double())
+        return out.detach(), [x.grad for x in leaves]
+
+    calls = []
+    real_sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real_sdpa(*a, **kw))
+    out, grads = run(lambda m, *args: m(*args))
+    ref_out, ref_grads = run(lambda m, *args: DotProductAttention.forward(m, *args))
+    assert calls, "the padded micro-batch did not take SDPA"
+    torch.testing.assert_close(out[rows], ref_out[rows], rtol=1e-12, atol=1e-12)
+    for grad, ref in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref, rtol=1e-12, atol=1e-12)
+    calls.clear()
+    with torch.no_grad():
+        core(q, k, v, mask)
+    assert not calls
