@@ -53,7 +53,6 @@ class _ProjectedTokenLoss(torch.autograd.Function):
     # The gradients are kept as ctx attributes rather than saved tensors so that backward can drop the
     # reference and hand dW to autograd without a copy (AccumulateGrad steals a tensor nobody else
     # holds): one weight-sized buffer from the loss's forward until the parameter's grad hook.
-
     #
     # Under megatron-core's DDP (the weight has an fp32 ``main_grad`` and ``grad_added_to_main_grad``),
     # dW goes straight into ``main_grad``, as megatron's own linears do with gradient accumulation
@@ -106,7 +105,8 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
     dtypes: the matmuls run in the weight's dtype (each chunk's ``dW`` product too), ``dW`` accumulates
     over chunks in fp32 and is returned in the weight's dtype. Memory while running: one ``[2c, V/TP]``
     logits buffer (``[c, V/TP]`` without a teacher), ``token_loss``'s gradient ``[c, V/TP]`` and
-    workspace, the fp32 ``[V/TP, H]`` accumulator (and a ``[V/TP, H]`` product buffer for bf16/fp16).
+    workspace, the fp32 ``[V/TP, H]`` accumulator (for bf16/fp16 also a [16384, H] product block and its
+    fp32 copy).
     """
     if hidden_s.dim() != 2 or weight_s.dim() != 2 or hidden_s.shape[1] != weight_s.shape[1]:
         raise ValueError(f"hidden {tuple(hidden_s.shape)} and weight {tuple(weight_s.shape)}: expected "
