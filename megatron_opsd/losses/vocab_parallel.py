@@ -30,7 +30,9 @@ gradients; the per-token outputs are unmasked and the caller multiplies by its l
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -162,8 +164,12 @@ def topk_ids(x_nv: torch.Tensor, k: int, shard: VocabShard) -> torch.Tensor:
 # Autograd Functions
 
 
-class _GradientInForward:
-    """``gradient_in_forward()``: while active, ``vocab_parallel_divergence`` computes the student's
+_gradient_in_forward = False  # see gradient_in_forward
+
+
+@contextlib.contextmanager
+def gradient_in_forward() -> Iterator[None]:
+    """While active, ``vocab_parallel_divergence`` computes the student's
     gradient (up to the incoming per-token scale) in its forward pass, from the probabilities it has at
     hand, and its backward only scales it, instead of recomputing both distributions chunk by chunk.
 
@@ -173,20 +179,12 @@ class _GradientInForward:
     gradient backward returns anyway). Collectives: one more all-reduce of [c] per chunk (the row sums
     G, needed before the chunk's buffers are reused); none at TP=1.
     """
-
-    active = False
-
-    def __call__(self):
-        return self
-
-    def __enter__(self):
-        self._was, _GradientInForward.active = _GradientInForward.active, True
-
-    def __exit__(self, *exc):
-        _GradientInForward.active = self._was
-
-
-gradient_in_forward = _GradientInForward()
+    global _gradient_in_forward
+    was, _gradient_in_forward = _gradient_in_forward, True
+    try:
+        yield
+    finally:
+        _gradient_in_forward = was
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
@@ -213,7 +211,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
         sums_2n = torch.zeros_like(shift_2n)  # [value, G]
         ws = _workspace(5, rows, s_nv.shape[0], shard, s_nv.device)
         # gradient_in_forward: the gradient / incoming scale, (g − p_S G) / T, written chunk by chunk
-        ctx.grad_nv = _empty_grad(student_nv, shard) if _GradientInForward.active and ctx.needs_input_grad[0] \
+        ctx.grad_nv = _empty_grad(student_nv, shard) if _gradient_in_forward and ctx.needs_input_grad[0] \
             else None
         for chunk in row_chunks(s_nv.shape[0], rows):
             logp_s, p_s, logp_t, p_t, scratch = ws[:, : chunk.stop - chunk.start]
