@@ -218,7 +218,8 @@ def add_embedding_grads_blockwise(ddp_chunks) -> None:
     (the hook adds at every micro-batch: the flag is megatron's, reset with the gradient buffer). The
     output layer needs none: the fused projection puts its dW into ``main_grad`` itself. Skipped for an
     embedding tied to the output layer on this stage (``zero_out_wgrad``: megatron's hook adds the sum).
-    CPU only; a no-op without this module's patches."""
+    CPU only; a no-op without this module's patches. Once per weight: the embedded default's warm-up
+    wraps the same chunks before the trainer does, and a second hook would add the gradient twice."""
     if not _applied:
         return
     for chunk in ddp_chunks:
@@ -226,8 +227,10 @@ def add_embedding_grads_blockwise(ddp_chunks) -> None:
         weight = None if embedding is None else embedding.word_embeddings.weight
         if (weight is not None and weight.requires_grad and getattr(weight, "main_grad", None) is not None
                 and weight.main_grad.dtype != weight.dtype and hasattr(weight, "grad_added_to_main_grad")
-                and not getattr(weight, "zero_out_wgrad", False)):
+                and not getattr(weight, "zero_out_wgrad", False)
+                and not getattr(weight, "_grad_added_blockwise", False)):
             weight.register_hook(functools.partial(_add_in_blocks, weight))
+            weight._grad_added_blockwise = True
 
 
 def _add_in_blocks(param: torch.nn.Parameter, grad: torch.Tensor) -> None:

@@ -98,12 +98,13 @@ def test_fused_flag_survives_loading_a_state_dict_without_it(model):
     assert all(group["fused"] is True and group["foreach"] is False for group in inner.param_groups)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_bf16_embedding_gradient_is_added_without_an_fp32_copy(runtime, monkeypatch, tied):
+@pytest.mark.parametrize("tied,wraps", [(False, 1), (True, 1), (False, 2)])
+def test_bf16_embedding_gradient_is_added_without_an_fp32_copy(runtime, monkeypatch, tied, wraps):
     """A bf16 model's word-embedding gradient reaches its fp32 ``main_grad`` block by block over two
     micro-batches: the same sums as megatron's own hook (bit for bit), with no allocation of an fp32
     copy of the gradient (megatron's mixed-dtype ``add_`` makes one: 2x the bf16 gradient's bytes).
-    A tied embedding (``zero_out_wgrad``) is left to megatron's hook."""
+    A tied embedding (``zero_out_wgrad``) is left to megatron's hook. Wrapped twice (the embedded
+    default's warm-up, then the trainer), the gradient is still added once."""
     from dataclasses import replace
 
     from megatron_opsd import cpu_compat
@@ -119,7 +120,9 @@ def test_bf16_embedding_gradient_is_added_without_an_fp32_copy(runtime, monkeypa
         if not hooked:
             monkeypatch.setattr(cpu_compat, "add_embedding_grads_blockwise", lambda chunks: None)
         torch.manual_seed(0)
-        ddp = wrap_ddp(build_model(cfg, runtime, ModelBuildConfig(dtype="bf16")), runtime)
+        chunks = build_model(cfg, runtime, ModelBuildConfig(dtype="bf16"))
+        for _ in range(wraps):
+            ddp = wrap_ddp(chunks, runtime)
         model = ddp[0].module
         weight = model.embedding.word_embeddings.weight
         ddp[0].zero_grad_buffer()
