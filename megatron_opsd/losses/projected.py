@@ -179,8 +179,8 @@ def _add_product_(acc_vh: torch.Tensor, a_vc: torch.Tensor, b_ch: torch.Tensor) 
     block of rows, each block converted into a reused fp32 buffer and added. Why: a mixed-dtype
     ``acc.add_(product)`` makes a weight-sized fp32 copy each time (fresh pages on CPU: ~3x slower than
     the product itself), and an fp32 GEMM on upcast copies runs at a fraction of the bf16 rate; measured
-    per chunk of 110 rows at V=151,936, H=256, one thread: 44-64 ms this way, 124-132 ms for
-    ``add_(mm)``, 150-165 ms for the fp32 GEMM."""
+    per chunk of 110 rows at V=151,936, H=256, one thread (``python benchmarks/cpu_kernels.py``): 38 ms
+    this way, 109 ms for ``add_(mm)``, 122 ms for the fp32 GEMM."""
     if a_vc.dtype == torch.float32:
         acc_vh.addmm_(a_vc, b_ch.float())
         return

@@ -13,8 +13,8 @@ Padded micro-batches (a boolean [b, 1, sq, sk] mask, True = masked, megatron's c
 autograd will differentiate go to the same fused SDPA with that mask, each query also allowed its own
 key so that no row is empty (a padded query's output is never read; a real query attends to itself
 under any causal mask anyway): megatron's unfused path keeps the fp32 [b, heads, sq, sk]
-probabilities for backward, ~85 MiB per layer at b=8, 384 tokens, 4 heads, against ~17 MiB, and
-takes ~1.5x the time (fp32, one CPU thread). Without autograd (teacher forwards, evaluation,
+probabilities for backward: 82 against 17 MiB allocated at peak and 72 against 53 ms for a layer's
+forward + backward at b=8, 384 tokens, 4 heads (fp32, one CPU thread, ``python benchmarks/cpu_kernels.py``). Without autograd (teacher forwards, evaluation,
 ``tools/verify_conversion.py``) nothing is stored and megatron's path stays, bit for bit the same as
 HF's eager attention at TP1. Attention dropout, query-key layer scaling, softmax offsets, windows,
 biases or a non-boolean mask keep megatron's ``DotProductAttention`` too.

@@ -1,10 +1,10 @@
 """CPU decoding on prepacked weights: megatron's parallel linears run oneDNN's packed-weight kernel.
 
 A decode step multiplies a handful of rows (one new token per sequence) by every weight matrix of the
-model. On CPU, torch's default kernels for such skinny products reach 5-20 GB/s of weight reads on this
-development machine, against 30-55 GB/s for oneDNN's linear on a weight reordered once into its blocked
-layout (``torch.ops.mkldnn._reorder_linear_weight``, the op behind inductor's weight prepacking; measured
-per shape in ``benchmarks/rollout.py``'s docstring). The weights change only between rollouts, so
+model. On CPU, torch's default kernels for such skinny products are 1.4-3.3x slower than oneDNN's
+linear on a weight reordered once into its blocked layout (``torch.ops.mkldnn._reorder_linear_weight``,
+the op behind inductor's weight prepacking; per shape and dtype: ``python benchmarks/cpu_kernels.py``,
+fp32 2.2-3.3x, bf16 1.4-2.0x on one thread of the development machine). The weights change only between rollouts, so
 ``PackedLinears`` reorders each linear weight when a rollout starts (one pass over the weights, a
 packed copy of each held until the rollout ends) and, while it runs, megatron's
 ``ColumnParallelLinear`` / ``RowParallelLinear`` compute their local product from the packed copy.
