@@ -24,8 +24,9 @@ replaced while a rollout runs, because on this path megatron-core 0.16.1 is slow
   attention is computed in fp32 and the cache itself is fp32 (``cache_dtype``; keys and values are
   stored exactly, each new one converted once as it enters): torch's CPU flash kernel in bf16 took
   ~13 ms per layer per decode step at 384 cached tokens (batch 8, 12 heads of 64; ~3.4 ms contiguous),
-  and converting a bf16 cache to fp32 at every step was 20% of a bf16 decode step at the same size
-  (two copies of the whole cache per layer); keys are still rotated in the model's dtype, as in the
+  and converting a bf16 cache to fp32 at every step was most of the 22% of a bf16 rollout's CPU time
+  spent in copies at the same size (torch.profiler, 32 tokens; two copies of the whole cache per
+  layer); keys are still rotated in the model's dtype, as in the
   training forward.
 
 Each layer's ``core_attention.forward`` is overridden on the instance (and restored afterwards), so the
