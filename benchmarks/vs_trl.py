@@ -17,7 +17,8 @@ top-p 0.95, top-k 20; forward KL over the full vocabulary at temperature 1.1, li
 weights on the teacher context), AdamW lr 1e-5, gradient clip 1.0.
 
   ours  MegatronRolloutEngine.generate + train_step (one micro-batch of B pairs; loss.clip off, fused
-        projection); fp32, or ``model_build.dtype: bf16`` (bf16 weights, fp32 main weights and Adam).
+        projection); fp32, or ``model_build.dtype: bf16`` (bf16 weights, fp32 main weights and Adam);
+        ``model_build.recompute: full`` (``--recompute``), as TRL's default gradient checkpointing.
   TRL   SDFTTrainer(distillation_mode="full_logits", distillation_alpha=0, teacher_model_kind="live",
         num_generations=1), transformers generate; otherwise TRL's defaults (gradient checkpointing on);
         fp32, or bf16=True (CPU autocast over fp32 weights), TRL's own default precision.
@@ -99,6 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed steps after the warm-up, main case")
     p.add_argument("--long-repeats", type=int, default=1, help="timed steps after the warm-up, fit and long cases")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--recompute", choices=["full", "selective", "none"], default="full",
+                   help="our activation recompute (model_build.recompute; default full: TRL's default "
+                        "gradient checkpointing recomputes its layers too)")
     p.add_argument("--trl-budget-gib", type=float, default=None,
                    help="TRL runs a case only if its estimated peak fits (default: 90%% of MemAvailable)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory (model, checkpoints)")
@@ -314,7 +318,8 @@ def ours_child(spec: dict) -> dict:
     interpreter = _rss_gib()
     runtime = init_parallel(ParallelConfig(), seed=0)
     cfg = read_model_json(spec["megatron_dir"])
-    chunks = build_model(cfg, runtime, ModelBuildConfig(dtype=spec["dtype"], init_weights=False))
+    chunks = build_model(cfg, runtime, ModelBuildConfig(dtype=spec["dtype"], init_weights=False,
+                                                           recompute=spec.get("recompute", "none")))
     load_weights(chunks, spec["megatron_dir"])
     ddp = wrap_ddp(chunks, runtime)
     optimizer = build_optimizer(ddp, runtime, OptimConfig(lr=LR, clip_grad=CLIP))
@@ -477,7 +482,8 @@ def main(argv=None) -> None:
             steps = 1 + (args.repeats if case.role == "main" else args.long_repeats)
             prompts = [(rng.sample(range(3, args.vocab), args.prompt),
                         rng.sample(range(3, args.vocab), args.teacher_extra)) for _ in range(steps * case.batch)]
-            spec = {**base, "batch": case.batch, "response": case.response, "steps": steps, "prompts": prompts}
+            spec = {**base, "batch": case.batch, "response": case.response, "steps": steps, "prompts": prompts,
+                    "recompute": args.recompute}
             trl_fp32 = None
             for precision in args.precisions:
                 ours_dtype, trl_dtype = dtypes[precision]
@@ -509,7 +515,8 @@ def main(argv=None) -> None:
     print(f"\n# OPSD step vs TRL {'(quick) ' if args.quick else ''}on CPU, {args.threads} threads: random Llama "
           f"V={args.vocab}, hidden {args.hidden}, {args.layers} layers, {args.heads} heads / {args.kv_heads} KV, "
           f"ffn {args.ffn}; {args.prompt}-token prompts, teacher prompts +{args.teacher_extra}; R-token responses; "
-          f"T=1.1 top-p 0.95 top-k 20; forward KL, live teacher; median of {args.repeats} steps "
+          f"T=1.1 top-p 0.95 top-k 20; forward KL, live teacher; our recompute {args.recompute} (TRL: gradient "
+          f"checkpointing); median of {args.repeats} steps "
           f"({args.long_repeats} at B={args.long_batch}) after a warm-up; load average "
           f"{os.getloadavg()[0]:.1f} at the end, {(time.time() - started) / 60:.0f} min\n")
     print(format_table(rows))

@@ -205,39 +205,67 @@ def release_free_heap() -> None:
         trim(0)
 
 
-# Elements per block of ``add_embedding_grads_blockwise``'s additions (16 MiB of fp32).
-_GRAD_ADD_BLOCK = 1 << 22
-
-
-def add_embedding_grads_blockwise(ddp_chunks) -> None:
-    """Why: megatron's DDP hook adds each bf16/fp16 gradient to its fp32 ``main_grad`` with one mixed-dtype
-    ``add_``, which on CPU first converts the whole gradient into a fresh fp32 copy: for the word
-    embedding's dense [V, H] gradient 148 MiB at V=151,936, H=256, the top of a bf16 step's backward. A
-    hook on the embedding weight adds its gradient block by block (a 16 MiB conversion at most) and marks
-    it ``grad_added_to_main_grad``, so megatron's hook adds nothing more, as after its own fused linears
-    (the hook adds at every micro-batch: the flag is megatron's, reset with the gradient buffer). The
-    output layer needs none: the fused projection puts its dW into ``main_grad`` itself. Skipped for an
-    embedding tied to the output layer on this stage (``zero_out_wgrad``: megatron's hook adds the sum).
-    CPU only; a no-op without this module's patches. Once per weight: the embedded default's warm-up
-    wraps the same chunks before the trainer does, and a second hook would add the gradient twice."""
+def embedding_grads_into_main_grad(ddp_chunks) -> None:
+    """Why: megatron's ``VocabParallelEmbedding`` differentiates through ``F.embedding``, whose CPU
+    backward builds a dense [V, H] gradient (74 MiB bf16 / 148 MiB fp32 at V=151,936, H=256) for a
+    micro-batch that touches a few thousand rows, and megatron's DDP hook then adds it to ``main_grad``
+    (for a bf16 weight through a mixed-dtype ``add_`` that first makes a 148 MiB fp32 copy): the top
+    of the step's backward. A marked weight's lookup (``_EmbeddingDispatch``) instead adds the rows of
+    the micro-batch's ids straight into ``main_grad`` (``index_add_`` in its dtype) and hands autograd
+    an untouched placeholder, flagged ``grad_added_to_main_grad`` so megatron's hook adds nothing, as
+    after its own fused linears (the flag is megatron's, reset with the gradient buffer). Skipped for an
+    embedding tied to the output layer on this stage (``zero_out_wgrad``: megatron's hook adds the sum
+    of both uses). CPU only; a no-op without this module's patches. Marking twice is harmless (the
+    embedded default's warm-up wraps the same chunks before the trainer does)."""
     if not _applied:
         return
     for chunk in ddp_chunks:
         embedding = getattr(chunk.module, "embedding", None)
         weight = None if embedding is None else embedding.word_embeddings.weight
         if (weight is not None and weight.requires_grad and getattr(weight, "main_grad", None) is not None
-                and weight.main_grad.dtype != weight.dtype and hasattr(weight, "grad_added_to_main_grad")
-                and not getattr(weight, "zero_out_wgrad", False)
-                and not getattr(weight, "_grad_added_blockwise", False)):
-            weight.register_hook(functools.partial(_add_in_blocks, weight))
-            weight._grad_added_blockwise = True
+                and hasattr(weight, "grad_added_to_main_grad") and not getattr(weight, "zero_out_wgrad", False)):
+            weight._embedding_into_main_grad = True
 
 
-def _add_in_blocks(param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-    flat_main, flat_grad = param.main_grad.view(-1), grad.reshape(-1)
-    for start in range(0, flat_grad.numel(), _GRAD_ADD_BLOCK):
-        flat_main[start:start + _GRAD_ADD_BLOCK].add_(flat_grad[start:start + _GRAD_ADD_BLOCK])
-    param.grad_added_to_main_grad = True
+class _EmbeddingIntoMainGrad(torch.autograd.Function):
+    """``F.embedding`` whose weight gradient goes into ``main_grad`` row by row (see above)."""
+
+    @staticmethod
+    def forward(ctx, ids, weight):
+        ctx.save_for_backward(ids)
+        ctx.weight = weight
+        return torch.nn.functional.embedding(ids, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (ids,), weight = ctx.saved_tensors, ctx.weight
+        main_grad = weight.main_grad
+        main_grad.index_add_(0, ids.reshape(-1), grad.reshape(-1, grad.shape[-1]).to(main_grad.dtype))
+        weight.grad_added_to_main_grad = True
+        # never read (megatron's hook sees the flag); its pages are never touched, so never resident
+        return None, torch.empty(weight.shape, dtype=weight.dtype, device=weight.device)
+
+
+class _EmbeddingDispatch:
+    """Stands in for ``torch.nn.functional`` inside megatron's ``tensor_parallel.layers``: ``embedding``
+    on a weight marked by ``embedding_grads_into_main_grad`` (under autograd) goes through
+    ``_EmbeddingIntoMainGrad``; every other name is torch's own."""
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    @staticmethod
+    def embedding(input, weight, *args, **kwargs):
+        if (getattr(weight, "_embedding_into_main_grad", False) and not args and not kwargs
+                and torch.is_grad_enabled() and weight.requires_grad):
+            return _EmbeddingIntoMainGrad.apply(input, weight)
+        return torch.nn.functional.embedding(input, weight, *args, **kwargs)
+
+
+def _patch_embedding_functional() -> None:
+    from megatron.core.tensor_parallel import layers
+
+    layers.F = _EmbeddingDispatch()
 
 
 def enabled() -> bool:
@@ -270,6 +298,7 @@ def apply() -> bool:
     torch.cuda.stream = lambda stream: contextlib.nullcontext()
     _patch_rng_tracker()
     _patch_single_rank_buffer_collectives()
+    _patch_embedding_functional()
     _mode = _CudaToCpuMode()
     _mode.__enter__()  # stays active for the process lifetime
     _applied = True

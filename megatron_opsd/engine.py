@@ -69,7 +69,7 @@ def wrap_ddp(chunks: list[torch.nn.Module], runtime: ParallelRuntime, *,
             config=chunk.config, ddp_config=ddp_config, module=chunk,
             # Bucketing only pays off for the first chunk's overlap (Megatron-LM does the same).
             disable_bucketing=i > 0, pg_collection=runtime.pg_collection))
-    cpu_compat.add_embedding_grads_blockwise(wrapped)
+    cpu_compat.embedding_grads_into_main_grad(wrapped)
     return wrapped
 
 

@@ -61,8 +61,18 @@ _MIN_LOG_TAIL = -80.0
 
 
 def _workspace(count: int, rows: int, num_rows: int, shard: VocabShard, device: torch.device) -> torch.Tensor:
-    """fp32 [count, c, v_valid] scratch for one call; a chunk uses ``ws[:, : len(chunk)]``."""
-    return torch.empty((count, min(rows, num_rows), shard.num_valid), dtype=torch.float32, device=device)
+    """fp32 [count, c, v_valid] scratch for one call; a chunk uses ``ws[:, : len(chunk)]``. Under
+    ``gradient_in_forward`` a buffer kept by the context (calls never nest: each call's scratch is dead
+    when it returns)."""
+    shape = (count, min(rows, num_rows), shard.num_valid)
+    if _in_forward is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    kept = _in_forward.workspace
+    if (kept is None or kept.device != device or kept.shape[0] < count or kept.shape[1] < shape[1]
+            or kept.shape[2] != shape[2]):
+        kept = _in_forward.workspace = None  # drop the old one first
+        kept = _in_forward.workspace = torch.empty(shape, dtype=torch.float32, device=device)
+    return kept[:count, : shape[1]]
 
 
 def _log_probs(x_cv: torch.Tensor, shift_c: torch.Tensor, log_norm_c: torch.Tensor, temperature: float,
@@ -164,11 +174,32 @@ def topk_ids(x_nv: torch.Tensor, k: int, shard: VocabShard) -> torch.Tensor:
 # Autograd Functions
 
 
-_gradient_in_forward = False  # see gradient_in_forward
+class _InForward:
+    """The state of an active ``gradient_in_forward``."""
+
+    def __init__(self) -> None:
+        self.workspace: torch.Tensor | None = None  # reused by every kernel call (``_workspace``)
+        self.grad_slot: torch.Tensor | None = None  # one-shot gradient buffer (``offer_gradient_buffer``)
+
+    def offer_gradient_buffer(self, buffer: torch.Tensor) -> None:
+        """The next divergence forward writes its [n, v] gradient into ``buffer[:n]`` (same dtype and
+        columns, enough rows; padding columns zero) instead of a fresh tensor; used once, then forgotten.
+        The caller must be done with what an earlier use of the buffer returned."""
+        self.grad_slot = buffer
+
+    def take_gradient_buffer(self, like_nv: torch.Tensor) -> torch.Tensor | None:
+        slot, self.grad_slot = self.grad_slot, None
+        if (slot is None or slot.dtype != like_nv.dtype or slot.device != like_nv.device
+                or slot.shape[1] != like_nv.shape[1] or slot.shape[0] < like_nv.shape[0]):
+            return None
+        return slot[: like_nv.shape[0]]
+
+
+_in_forward: _InForward | None = None  # see gradient_in_forward
 
 
 @contextlib.contextmanager
-def gradient_in_forward() -> Iterator[None]:
+def gradient_in_forward() -> Iterator[_InForward]:
     """While active, ``vocab_parallel_divergence`` computes the student's
     gradient (up to the incoming per-token scale) in its forward pass, from the probabilities it has at
     hand, and its backward only scales it, instead of recomputing both distributions chunk by chunk.
@@ -178,13 +209,17 @@ def gradient_in_forward() -> Iterator[None]:
     held from forward to backward, one ``[n, V/TP]`` tensor in the logits' dtype (the size of the
     gradient backward returns anyway). Collectives: one more all-reduce of [c] per chunk (the row sums
     G, needed before the chunk's buffers are reused); none at TP=1.
+
+    Memory: every kernel call inside reuses one fp32 workspace kept by the context, and a caller that
+    walks chunks can offer one gradient buffer per chunk (``offer_gradient_buffer`` on the yielded
+    state): no [c, v] allocation per chunk, whose freed pages would otherwise pile up in the CPU heap.
     """
-    global _gradient_in_forward
-    was, _gradient_in_forward = _gradient_in_forward, True
+    global _in_forward
+    was, _in_forward = _in_forward, _InForward()
     try:
-        yield
+        yield _in_forward
     finally:
-        _gradient_in_forward = was
+        _in_forward = was
 
 
 class _VocabParallelDivergence(torch.autograd.Function):
@@ -211,8 +246,11 @@ class _VocabParallelDivergence(torch.autograd.Function):
         sums_2n = torch.zeros_like(shift_2n)  # [value, G]
         ws = _workspace(5, rows, s_nv.shape[0], shard, s_nv.device)
         # gradient_in_forward: the gradient / incoming scale, (g − p_S G) / T, written chunk by chunk
-        ctx.grad_nv = _empty_grad(student_nv, shard) if _gradient_in_forward and ctx.needs_input_grad[0] \
-            else None
+        ctx.grad_nv = None
+        if _in_forward is not None and ctx.needs_input_grad[0]:
+            ctx.grad_nv = _in_forward.take_gradient_buffer(student_nv)
+            if ctx.grad_nv is None:
+                ctx.grad_nv = _empty_grad(student_nv, shard)
         for chunk in row_chunks(s_nv.shape[0], rows):
             logp_s, p_s, logp_t, p_t, scratch = ws[:, : chunk.stop - chunk.start]
             shift_2n[:, chunk], log_norm_2n[:, chunk] = _chunk_distributions(
@@ -236,7 +274,8 @@ class _VocabParallelDivergence(torch.autograd.Function):
     def backward(ctx, grad_n):
         if ctx.grad_nv is not None:  # gradient_in_forward
             grad_nv, ctx.grad_nv = ctx.grad_nv, None
-            return grad_nv.mul_(grad_n[:, None]), None, None, None, None, None, None, None  # one rounding
+            _, _, _, _, shard, rows = ctx.config
+            return _scale_rows_(grad_nv, grad_n, shard, rows), None, None, None, None, None, None, None
         student_nv, teacher_nv, shift_2n, log_norm_2n, g_sum_n = ctx.saved_tensors
         terms, beta, clip, temperature, shard, rows = ctx.config
         grad_nv = _empty_grad(student_nv, shard)
@@ -382,6 +421,19 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
                 p_cv.scatter_add_(1, index_ck, p_ck.mul_(all_n[chunk, None]).add_(grad_nk[chunk]))
                 grad_nv[chunk, : shard.num_valid] = p_cv
         return grad_nv, None, None, None, None, None
+
+
+def _scale_rows_(x_nv: torch.Tensor, scale_n: torch.Tensor, shard: VocabShard, rows: int) -> torch.Tensor:
+    """``x *= scale[:, None]`` in place over the real columns, computed in fp32 with one rounding. For a
+    bf16/fp16 ``x`` chunk by chunk through an fp32 buffer: on CPU a mixed-dtype ``mul_`` materialises
+    two fp32 copies of the whole ``x`` (62 MiB for a 55-token chunk at V=151,936)."""
+    if x_nv.dtype == scale_n.dtype or x_nv.is_cuda:  # CUDA converts inside the kernel
+        return x_nv.mul_(scale_n[:, None].to(torch.promote_types(x_nv.dtype, scale_n.dtype)))
+    buf = _workspace(1, rows, x_nv.shape[0], shard, x_nv.device)[0]
+    for chunk in row_chunks(x_nv.shape[0], rows):
+        part = buf[: chunk.stop - chunk.start]
+        x_nv[chunk, : shard.num_valid] = part.copy_(x_nv[chunk, : shard.num_valid]).mul_(scale_n[chunk, None])
+    return x_nv
 
 
 def _empty_grad(x_nv: torch.Tensor, shard: VocabShard) -> torch.Tensor:

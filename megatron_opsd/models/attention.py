@@ -14,17 +14,37 @@ autograd will differentiate go to the same fused SDPA with that mask, each query
 key so that no row is empty (a padded query's output is never read; a real query attends to itself
 under any causal mask anyway): megatron's unfused path keeps the fp32 [b, heads, sq, sk]
 probabilities for backward: 82 against 17 MiB allocated at peak and 72 against 53 ms for a layer's
-forward + backward at b=8, 384 tokens, 4 heads (fp32, one CPU thread, ``python benchmarks/cpu_kernels.py``). Without autograd (teacher forwards, evaluation,
-``tools/verify_conversion.py``) nothing is stored and megatron's path stays, bit for bit the same as
-HF's eager attention at TP1. Attention dropout, query-key layer scaling, softmax offsets, windows,
-biases or a non-boolean mask keep megatron's ``DotProductAttention`` too.
+forward + backward at b=8, 384 tokens, 4 heads (fp32, one CPU thread, ``python benchmarks/cpu_kernels.py``).
+Without autograd (evaluation, ``tools/verify_conversion.py``) nothing is stored and megatron's path
+stays, bit for bit the same as HF's eager attention at TP1; the training step's teacher forward, for
+which megatron's path would still materialise fp32 [b, heads, sq, sk] scores and probabilities for the
+whole micro-batch (52 MiB each at b=8, 640 tokens, 4 heads), asks for SDPA with
+``fused_attention_without_grad()`` (and so scores with the same kernel as the student). Attention
+dropout, query-key layer scaling, softmax offsets, windows, biases or a non-boolean mask keep
+megatron's ``DotProductAttention`` too.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+_fused_without_grad = False  # see fused_attention_without_grad
+
+
+@contextlib.contextmanager
+def fused_attention_without_grad() -> Iterator[None]:
+    """Padded micro-batches go to fused SDPA under no_grad too (the teacher forward of a training step)."""
+    global _fused_without_grad
+    was, _fused_without_grad = _fused_without_grad, True
+    try:
+        yield
+    finally:
+        _fused_without_grad = was
 
 
 class PackedDotProductAttention(DotProductAttention):
@@ -68,8 +88,8 @@ class PackedDotProductAttention(DotProductAttention):
 
     def _fused_padded(self, attention_mask, attention_bias) -> bool:
         """Whether a padded micro-batch can go to SDPA (see the module docstring)."""
-        return (torch.is_grad_enabled() and attention_mask is not None and attention_mask.dtype == torch.bool
-                and attention_mask.dim() == 4
+        return ((torch.is_grad_enabled() or _fused_without_grad) and attention_mask is not None
+                and attention_mask.dtype == torch.bool and attention_mask.dim() == 4
                 and attention_bias is None and self.softmax_offset is None
                 and self.scale_mask_softmax.window_size is None and not self.config.apply_query_key_layer_scaling
                 and not (self.training and self.attention_dropout.p > 0))

@@ -59,6 +59,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron_opsd import cpu_compat
 from megatron_opsd.data.batch import (OPSDMicroBatch, context_parallel_share, gather_response_positions, local_rows,
                                       pad_to_lengths, split_for_context_parallel)
 from megatron_opsd.engine import forward_backward
@@ -271,8 +272,12 @@ class StepContext:
             self.method = method_for(self.loss)
 
 
-def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_iterator, model):
-    """megatron-core forward step: ``(output_tensor, loss_func)`` for one OPSD micro-batch."""
+def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_iterator, model, *,
+                 grad_scale: float | None = None):
+    """megatron-core forward step: ``(output_tensor, loss_func)`` for one OPSD micro-batch.
+
+    ``grad_scale``: the gradient the schedule's backward brings to the loss sum, when known (see
+    ``run_schedule``); the fused projection then adds the output layer's dW to ``main_grad`` in forward."""
     index, batch = next(data_iterator)
     student = unwrap(model)
     chunk_id = next(i for i, c in enumerate(student_chunks) if unwrap(c) is student)
@@ -288,8 +293,10 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
     deferred = ctx.loss.fused_projection
     teacher_out = teacher_weight = None
     if ctx.teacher is not None:
+        from megatron_opsd.models.attention import fused_attention_without_grad  # imports megatron-core
+
         teacher = ctx.teacher.chunks[chunk_id]
-        with torch.no_grad(), ctx.teacher.context(), \
+        with torch.no_grad(), ctx.teacher.context(), fused_attention_without_grad(), \
                 _projection(teacher).at(batch.teacher_index if last else None, deferred=deferred) as head:
             teacher.set_input_tensor(teacher_in.detach() if teacher_in is not None else None)
             teacher_out = teacher(batch.teacher.tokens, batch.teacher.position_ids,
@@ -306,7 +313,7 @@ def forward_step(ctx: StepContext, student_chunks: list[torch.nn.Module], data_i
         return torch.cat([student_out, teacher_out], dim=0), None
     if deferred:
         return student_out, partial(projected_loss_func, ctx, index, batch, teacher_out, teacher_weight,
-                                    head.weight)
+                                    head.weight, grad_scale=grad_scale)
     return student_out, partial(loss_func, ctx, index, batch, teacher_out)
 
 
@@ -330,7 +337,7 @@ def loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_logit
 
 def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, teacher_hidden: torch.Tensor | None,
                         teacher_weight: torch.Tensor | None, student_weight: torch.Tensor,
-                        student_hidden: torch.Tensor):
+                        student_hidden: torch.Tensor, *, grad_scale: float | None = None):
     """The same triple from the hidden states [B, R, H] at the response positions.
 
     Only the response tokens (loss mask != 0) are projected, chunk by chunk, inside the loss
@@ -361,7 +368,7 @@ def projected_loss_func(ctx: StepContext, index: int, batch: OPSDMicroBatch, tea
     loss_sum, _ = projected_token_loss(
         hidden_s, student_weight, hidden_t, teacher_weight, token_loss,
         weights_n, chunk_tokens=ctx.loss.projection_chunk,
-        on_chunk=add_metrics if ctx.detailed_metrics or ctx.logprob_metrics else None)
+        on_chunk=add_metrics if ctx.detailed_metrics or ctx.logprob_metrics else None, grad_scale=grad_scale)
     return _loss_output(ctx, index, batch, loss_sum, sums)
 
 
@@ -448,9 +455,15 @@ def run_schedule(ctx: StepContext, ddp_chunks: list[torch.nn.Module], batches: l
     moe = moe_layer_count(ddp_chunks)
     if moe:
         clear_moe_aux_losses()
+    # With a per-token loss the schedule backpropagates each micro-batch's loss sum times the loss scale
+    # (grad_scale_func) and nothing else: a factor known now (fp16's dynamic scale changes only in the
+    # optimizer step), which lets the fused projection put dW into main_grad during forward.
+    grad_scale = None
+    if not forward_only and ddp_chunks[0].config.calculate_per_token_loss:
+        grad_scale = 1.0 if grad_scale_func is None else float(grad_scale_func(torch.ones((), device=runtime.device)))
     with torch.no_grad() if forward_only else contextlib.nullcontext():
         stored = forward_backward(
-            ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks), iterators,
+            ddp_chunks, runtime, partial(forward_step, ctx, ddp_chunks, grad_scale=grad_scale), iterators,
             num_microbatches=len(batches), seq_length=longest,
             micro_batch_size=batches[0].loss_mask.shape[0], forward_only=forward_only,
             grad_scale_func=grad_scale_func)
@@ -557,6 +570,7 @@ def optimizer_step(optimizer, clip_grad: float, step: int) -> float | None:
     if clip_grad > 0:
         clip_by_total_norm(optimizer, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
+    cpu_compat.release_free_heap()  # the update's freed temporaries, before the next rollout allocates
     return grad_norm
 
 

@@ -204,7 +204,8 @@ def test_moe_local_spec_takes_packed_micro_batches(runtime):
 def test_padded_rows_with_autograd_take_sdpa_equal_to_megatrons_attention(runtime, monkeypatch):
     """A padded micro-batch under autograd goes to SDPA with its mask: the same output and input
     gradients as megatron's unfused ``DotProductAttention`` (fp64, right- and left-padded rows, GQA);
-    without autograd megatron's path runs (bit for bit HF's eager attention in the conversion check)."""
+    without autograd megatron's path runs (bit for bit HF's eager attention in the conversion check),
+    except inside ``fused_attention_without_grad`` (the step's teacher forward)."""
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
     from megatron_opsd.models import attention
@@ -244,3 +245,29 @@ def test_padded_rows_with_autograd_take_sdpa_equal_to_megatrons_attention(runtim
     with torch.no_grad():
         core(q, k, v, mask)
     assert not calls
+    # the training step's teacher forward asks for SDPA without autograd too: the same real rows
+    with torch.no_grad(), attention.fused_attention_without_grad():
+        teacher_out = core(q, k, v, mask)
+    assert calls
+    torch.testing.assert_close(teacher_out[rows], ref_out[rows], rtol=1e-12, atol=1e-12)
+    calls.clear()
+    with torch.no_grad():  # and only inside the context
+        core(q, k, v, mask)
+    assert not calls
+
+
+def test_the_steps_teacher_forward_takes_sdpa(runtime, monkeypatch):
+    """The OPSD step's teacher forward (no autograd) runs padded micro-batches through SDPA, as the
+    student's does: megatron's unfused path would materialise the whole [b, heads, s, s] fp32 scores."""
+    from megatron_opsd.models import attention
+    from megatron_opsd.models.provider import build_model
+
+    full = {n: p.detach().clone() for n, p in build_model(tiny(), runtime)[0].state_dict().items()
+            if not n.endswith("_extra_state")}
+    grad_modes = []
+    real_sdpa = attention.F.scaled_dot_product_attention
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: grad_modes.append(torch.is_grad_enabled()) or real_sdpa(*a, **kw))
+    _step(runtime, full, [collate_pairs(pairs_10x(64)[:3], 0)], "opsd")
+    layers = tiny().num_hidden_layers
+    assert grad_modes.count(False) == layers and grad_modes.count(True) == layers  # teacher, student

@@ -184,6 +184,110 @@ def test_weight_gradient_goes_into_megatron_main_grad(tied):
         torch.testing.assert_close(w.grad, torch.full_like(w, 0.5))
 
 
+def allocations(fn) -> list[int]:
+    """Bytes of each CPU allocation made while ``fn`` runs (frees are negative)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return [e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+
+
+def largest_allocation(fn) -> int:
+    """Bytes of the largest single CPU allocation made while ``fn`` runs."""
+    return max([0, *allocations(fn)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_known_grad_scale_puts_dw_into_main_grad_during_forward(dtype, monkeypatch):
+    """With ``grad_scale`` (the factor megatron's schedule will backpropagate: the loss scale) and
+    megatron's fp32 ``main_grad``, dW x that factor is already in ``main_grad`` when forward returns,
+    with no weight-sized accumulator (no allocation of its [V, H] fp32 bytes, which the path without
+    ``grad_scale`` makes); backward brings the input gradient and sets the flag; a backward that brings
+    another factor raises instead of leaving a wrongly scaled dW."""
+    from megatron_opsd.losses import projected
+
+    wide = 128  # hidden size: the [V, H] accumulator then dwarfs the chunk's [c, V] buffers
+    monkeypatch.setattr(projected, "_PRODUCT_BLOCK", 8)  # bf16's dW product blocks: 8 of the V rows
+    gen = torch.Generator().manual_seed(6)
+    h_s, h_t = (torch.randn(N, wide, generator=gen, dtype=torch.float64) / wide ** 0.5 for _ in range(2))
+    w_s, w_t = (torch.randn(V, wide, generator=gen, dtype=torch.float64) for _ in range(2))
+    mask = (torch.rand(N, generator=gen) > 0.25).double()
+    kwargs = dict(divergence="forward_kl", temperature=1.0, clip=None, vocab_size=VOCAB)
+    token_loss = lambda s, t, rows: vocab_parallel_divergence(s, t, **kwargs)  # noqa: E731
+    h_s, w_s, h_t, w_t = (x.to(dtype).double() for x in (h_s, w_s, h_t, w_t))  # the inputs we feed
+    _, ref_gh, ref_gw = reference(h_s, w_s, h_t, w_t, mask, lambda s, t: ref.divergence(s, t, **kwargs))
+    earlier = torch.randn(V, wide, dtype=torch.float64)
+    tol = (dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32
+           else dict(rtol=5e-2, atol=2e-2 * ref_gw.abs().max().item()))
+
+    def run(grad_scale):
+        h = h_s.to(dtype).requires_grad_()
+        w = w_s.to(dtype).requires_grad_()
+        w.main_grad = earlier.float().clone()
+        w.grad_added_to_main_grad = False
+        box, teacher = {}, (h_t.to(dtype), w_t.to(dtype), mask.float())
+
+        def forward():
+            box["loss"] = projected_token_loss(h, w, teacher[0], teacher[1], token_loss, teacher[2],
+                                               chunk_tokens=4, grad_scale=grad_scale)[0]
+        sizes = allocations(forward)
+        return h, w, box["loss"], sizes
+
+    h, w, loss, sizes = run(2.0)
+    torch.testing.assert_close(w.main_grad.double(), earlier + 2.0 * ref_gw, **tol)  # before backward
+    assert V * wide * 4 not in sizes
+    (2.0 * loss).backward()
+    assert w.grad_added_to_main_grad
+    torch.testing.assert_close(w.main_grad.double(), earlier + 2.0 * ref_gw, **tol)  # nothing added twice
+    torch.testing.assert_close(h.grad.double(), 2.0 * ref_gh, rtol=tol["rtol"],
+                               atol=1e-6 if dtype == torch.float32 else 2e-2 * ref_gh.abs().max().item())
+    assert V * wide * 4 in run(None)[3]  # the accumulator this path does without
+    h, w, loss, _ = run(2.0)
+    with pytest.raises(RuntimeError, match="grad_scale=2.0"):
+        (3.0 * loss).backward()
+
+
+def test_gradient_buffer_is_used_once_per_offer():
+    """A token loss that calls the divergence twice on the same chunk (here the sum of two divergences)
+    gets two distinct gradients: the projection's reused gradient buffer serves only the first call."""
+    h_s, w_s, h_t, w_t, mask, _ = inputs(8)
+    fkl = dict(divergence="forward_kl", temperature=1.0, clip=None, vocab_size=VOCAB)
+    rkl = dict(fkl, divergence="reverse_kl")
+    ref_loss, ref_gh, ref_gw = reference(
+        h_s, w_s, h_t, w_t, mask, lambda s, t: ref.divergence(s, t, **fkl) + 0.5 * ref.divergence(s, t, **rkl))
+    token_loss = lambda s, t, rows: (vocab_parallel_divergence(s, t, **fkl)  # noqa: E731
+                                     + 0.5 * vocab_parallel_divergence(s, t, **rkl))
+    loss, _, grad_h, grad_w = ours(h_s, w_s, h_t, w_t, mask, token_loss, chunk_tokens=4)
+    torch.testing.assert_close(loss.double(), ref_loss, **VALUE_TOL)
+    torch.testing.assert_close(grad_h.double(), ref_gh, **GRAD_TOL)
+    torch.testing.assert_close(grad_w.double(), ref_gw, **GRAD_TOL)
+
+
+def test_bf16_gradient_is_scaled_without_fp32_copies():
+    """Under ``gradient_in_forward`` the divergence's backward scales its stored bf16 gradient by the
+    incoming fp32 per-token factor in fp32, with one rounding (bit for bit the product computed in fp32
+    and rounded), through a chunk-sized buffer: a plain mixed-dtype ``mul_`` on CPU allocates fp32
+    copies of the whole [n, V] gradient."""
+    from megatron_opsd.losses import vocab_parallel
+
+    n, v = 40, 1000
+    gen = torch.Generator().manual_seed(3)
+    s = torch.randn(n, v, generator=gen).bfloat16().requires_grad_()
+    t = torch.randn(n, v, generator=gen).bfloat16()
+    scale = torch.rand(n, generator=gen) * 3
+    with vocab_parallel.gradient_in_forward():
+        value = vocab_parallel_divergence(s, t, chunk_size=8)
+        unscaled = torch.autograd.grad(value.sum(), s, retain_graph=False)[0]
+    with vocab_parallel.gradient_in_forward():
+        value = vocab_parallel_divergence(s, t, chunk_size=8)
+        box = {}
+        largest = largest_allocation(lambda: box.update(g=torch.autograd.grad((value * scale).sum(), s)[0]))
+    # the stored gradient is rounded to bf16 once in forward; backward multiplies it in fp32, rounds once
+    assert torch.equal(box["g"], (unscaled.float() * scale[:, None]).bfloat16())
+    assert largest < n * v * 4
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("divergence,clip", [("forward_kl", 0.02), ("forward_kl", None), ("jsd", None),
                                              ("reverse_kl", 0.05)])
@@ -212,7 +316,7 @@ def test_gradient_in_forward_equals_the_recomputing_backward(divergence, clip, d
     with vocab_parallel.gradient_in_forward():
         monkeypatch.setattr(vocab_parallel, "_log_probs", no_recomputation)
         value_f, grad_f = value_and_grad()
-    assert not vocab_parallel._gradient_in_forward
+    assert vocab_parallel._in_forward is None
     torch.testing.assert_close(value_f, value, rtol=0, atol=0)
     assert grad_f.dtype == dtype and grad_f[:, VOCAB:].eq(0).all()
     # fp32 math on both paths, from probabilities rounded differently (e·exp(−offset) in forward,

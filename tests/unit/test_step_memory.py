@@ -98,46 +98,58 @@ def test_fused_flag_survives_loading_a_state_dict_without_it(model):
     assert all(group["fused"] is True and group["foreach"] is False for group in inner.param_groups)
 
 
+def ops_run(fn) -> set[str]:
+    """Names of the torch ops ``fn`` runs (autograd's backward included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
 @pytest.mark.parametrize("tied,wraps", [(False, 1), (True, 1), (False, 2)])
-def test_bf16_embedding_gradient_is_added_without_an_fp32_copy(runtime, monkeypatch, tied, wraps):
-    """A bf16 model's word-embedding gradient reaches its fp32 ``main_grad`` block by block over two
-    micro-batches: the same sums as megatron's own hook (bit for bit), with no allocation of an fp32
-    copy of the gradient (megatron's mixed-dtype ``add_`` makes one: 2x the bf16 gradient's bytes).
-    A tied embedding (``zero_out_wgrad``) is left to megatron's hook. Wrapped twice (the embedded
-    default's warm-up, then the trainer), the gradient is still added once."""
+def test_embedding_gradient_goes_into_main_grad_row_by_row(runtime, monkeypatch, dtype, tied, wraps):
+    """The word embedding's gradient over two micro-batches (repeated ids) reaches ``main_grad`` without
+    the dense [V, H] gradient of ``F.embedding``'s backward (``aten::embedding_dense_backward``, which
+    megatron's own path runs, and whose sum it adds to ``main_grad``): row by row, equal to the exact
+    sums (an upstream gradient of ones times the micro-batch's scale: each row gets the scale times the
+    id's count). A tied embedding (``zero_out_wgrad``) is left to megatron's hook. Wrapped twice (the
+    embedded default's warm-up, then the trainer), the gradient is still added once."""
     from dataclasses import replace
 
     from megatron_opsd import cpu_compat
     from megatron_opsd.engine import wrap_ddp
     from megatron_opsd.models.provider import ModelBuildConfig, build_model
 
-    monkeypatch.setattr(cpu_compat, "_GRAD_ADD_BLOCK", 1000)  # several blocks, a ragged last one
     cfg = replace(tiny(), tie_word_embeddings=tied)
-    tokens = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(1))
+    tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))  # ids repeat
     positions = torch.arange(16).expand(2, 16)
+    want = torch.zeros(VOCAB, HIDDEN, dtype=torch.float64)
+    want.index_add_(0, tokens.flatten(), torch.ones(tokens.numel(), HIDDEN, dtype=torch.float64) * (1.0 + 3.0))
 
-    def embedding_grads(hooked: bool):
-        if not hooked:
-            monkeypatch.setattr(cpu_compat, "add_embedding_grads_blockwise", lambda chunks: None)
+    def embedding_grads(ours: bool):
+        if not ours:
+            monkeypatch.setattr(cpu_compat, "embedding_grads_into_main_grad", lambda chunks: None)
         torch.manual_seed(0)
-        chunks = build_model(cfg, runtime, ModelBuildConfig(dtype="bf16"))
+        chunks = build_model(cfg, runtime, ModelBuildConfig(dtype=dtype))
         for _ in range(wraps):
             ddp = wrap_ddp(chunks, runtime)
+        monkeypatch.undo()
         model = ddp[0].module
         weight = model.embedding.word_embeddings.weight
         ddp[0].zero_grad_buffer()
-        largest = 0
+        ops = set()
         for scale in (1.0, 3.0):  # two micro-batches
             out = model.embedding(tokens, positions)
-            largest = max(largest, largest_allocation(lambda: (out.float().sum() * scale).backward()))
-        monkeypatch.undo()
-        monkeypatch.setattr(cpu_compat, "_GRAD_ADD_BLOCK", 1000)
-        return weight.main_grad.clone(), largest, weight
+            ops |= ops_run(lambda: (out.float().sum() * scale).backward())
+        return weight.main_grad.double(), "aten::embedding_dense_backward" in ops
 
-    grads, largest, weight = embedding_grads(hooked=True)
-    reference, reference_largest, _ = embedding_grads(hooked=False)
-    assert weight.dtype == torch.bfloat16 and bool(reference.abs().sum() > 0)
-    assert torch.equal(grads, reference)
-    bf16_grad_bytes = weight.numel() * 2
-    assert reference_largest >= 2 * bf16_grad_bytes  # megatron's hook: the fp32 copy
-    assert (largest >= 2 * bf16_grad_bytes) == tied
+    grads, dense = embedding_grads(ours=True)
+    reference, reference_dense = embedding_grads(ours=False)
+    assert reference_dense and dense == tied
+    if tied:  # megatron's hook adds the embedding's and the (unused) output layer's gradients
+        torch.testing.assert_close(grads, reference, rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(grads, want, rtol=0, atol=0)
+        torch.testing.assert_close(reference, want, rtol=0, atol=0)
