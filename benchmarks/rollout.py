@@ -14,7 +14,8 @@ included). Rows:
   ours (KV cache)      MegatronRolloutEngine: megatron-core StaticInferenceContext + sharded sampler,
                        linears on oneDNN-prepacked weights (``rollout/packed_linear.py``)
   ours, unpacked       the same with ``packed_weights=False`` (torch's default CPU matmul kernels)
-  HF generate          transformers LlamaForCausalLM.generate (sdpa attention, DynamicCache)
+  HF generate          transformers LlamaForCausalLM.generate (sdpa attention, DynamicCache), run without
+                       the torch-function mode our CPU patches keep active (``cpu_compat``)
   no-cache recompute   MegatronRolloutEngine(kv_cache=False): the full sequence every step (only
                        ``--no-cache-new-tokens`` tokens: its cost grows with length, so this
                        overstates its speed at the full length)
@@ -26,11 +27,22 @@ threads): less sensitive than wall time to other jobs on the same cores.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@contextlib.contextmanager
+def _without_torch_function_modes():
+    from torch.overrides import _get_current_function_mode_stack, _pop_mode_temporarily
+
+    with contextlib.ExitStack() as stack:
+        for _ in _get_current_function_mode_stack():
+            stack.enter_context(_pop_mode_temporarily())
+        yield
 
 
 def parse_args(argv=None):
@@ -104,7 +116,9 @@ def main(argv=None) -> None:
 
     def hf_generate(new_tokens):
         kwargs = dict(do_sample=False) if args.greedy else dict(do_sample=True, temperature=1.1, top_k=20, top_p=0.95)
-        with torch.no_grad():
+        # HF runs without megatron_opsd.cpu_compat's placement mode: a Python handler on every torch call,
+        # which megatron-core needs on CPU and HF does not (it would tax HF's many small calls)
+        with torch.no_grad(), _without_torch_function_modes():
             out = hf.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, eos_token_id=None, pad_token_id=0, use_cache=True, **kwargs)
         assert out.shape[1] == args.prompt_len + new_tokens
