@@ -66,8 +66,8 @@ class _ProjectedTokenLoss(torch.autograd.Function):
     # ``grad_added_to_main_grad``, adds nothing. The parameter still receives a placeholder grad (so its
     # hook runs, e.g. for overlapped reduction): uninitialised, never read, or zeros when megatron
     # marks the weight ``zero_out_wgrad`` (tied to the embedding on this stage: the embedding's own
-    # gradient is summed into it and the hook adds that). With ``grad_scale``, dW is already in
-    # ``main_grad`` (``grad_w`` is the string "main_grad"): backward checks the incoming scalar.
+    # gradient is summed into it and the hook adds that). ``ctx.grad_scale`` is set when dW went into
+    # ``main_grad`` during forward, times that factor: backward then checks the incoming scalar.
 
     @staticmethod
     def forward(ctx, hidden_nh, weight_vh, run, grad_scale):
@@ -81,28 +81,30 @@ class _ProjectedTokenLoss(torch.autograd.Function):
         if grad_h is None:
             raise RuntimeError("projected_token_loss: backward called twice (the gradients are consumed)")
         ctx.grad_h = ctx.grad_w = ctx.weight = None
-        if isinstance(grad_w, str):  # dW went into main_grad during forward, times grad_scale
+        if ctx.grad_scale is not None:  # dW went into main_grad during forward, times grad_scale
             if float(grad_loss) != ctx.grad_scale:  # one host sync per micro-batch on GPU
                 raise RuntimeError(
                     f"projected_token_loss: backward brought a gradient of {float(grad_loss)!r} for the loss, "
                     f"but its weight gradient was added to main_grad in forward scaled by grad_scale="
                     f"{ctx.grad_scale!r}; pass grad_scale=None unless the loss reaches backward unscaled "
                     "except by that factor")
-            weight.grad_added_to_main_grad = True
-            new = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-            return grad_h.mul_(grad_loss), new(weight.shape, dtype=weight.dtype, device=weight.device), None, None
-        if grad_w is not None:
+            grad_w = _added_to_main_grad(weight)
+        elif grad_w is not None:
             grad_w.mul_(grad_loss)
-            main_grad = getattr(weight, "main_grad", None)
-            if (main_grad is not None and hasattr(weight, "grad_added_to_main_grad")
-                    and main_grad.dtype == grad_w.dtype):
+            main_grad = _main_grad_of(weight)
+            if main_grad is not None:
                 main_grad.add_(grad_w)
-                weight.grad_added_to_main_grad = True
-                new = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
-                grad_w = new(weight.shape, dtype=weight.dtype, device=weight.device)
+                grad_w = _added_to_main_grad(weight)
             else:
                 grad_w = grad_w.to(weight.dtype)
         return grad_h.mul_(grad_loss), grad_w, None, None
+
+
+def _added_to_main_grad(weight: torch.Tensor) -> torch.Tensor:
+    """Flag ``weight``'s gradient as already in ``main_grad``; its placeholder grad (see above)."""
+    weight.grad_added_to_main_grad = True
+    new = torch.zeros if getattr(weight, "zero_out_wgrad", False) else torch.empty
+    return new(weight.shape, dtype=weight.dtype, device=weight.device)
 
 
 def _main_grad_of(weight: torch.Tensor) -> torch.Tensor | None:
@@ -197,10 +199,10 @@ def projected_token_loss(hidden_s: torch.Tensor, weight_s: torch.Tensor, hidden_
                     if need_grad_w:
                         _add_product_(grad_w, grad_s.t().to(w_s.dtype), h_s[rows].detach(), alpha, blocks)
                 del s, t, grad_s
-        return loss, grad_h, "main_grad" if main_grad is not None else grad_w
+        return loss, grad_h, None if main_grad is not None else grad_w
 
     if need_grad:
-        loss = _ProjectedTokenLoss.apply(hidden_s, weight_s, run, grad_scale)
+        loss = _ProjectedTokenLoss.apply(hidden_s, weight_s, run, None if main_grad is None else grad_scale)
     else:
         with torch.no_grad():
             loss = run(hidden_s, weight_s)[0]

@@ -426,7 +426,7 @@ class _VocabParallelLogProbsAt(torch.autograd.Function):
 def _scale_rows_(x_nv: torch.Tensor, scale_n: torch.Tensor, shard: VocabShard, rows: int) -> torch.Tensor:
     """``x *= scale[:, None]`` in place over the real columns, computed in fp32 with one rounding. For a
     bf16/fp16 ``x`` chunk by chunk through an fp32 buffer: on CPU a mixed-dtype ``mul_`` materialises
-    two fp32 copies of the whole ``x`` (62 MiB for a 55-token chunk at V=151,936)."""
+    two fp32 copies of the whole ``x`` (32 MiB each, by count, for a 55-token chunk at V=151,936)."""
     if x_nv.element_size() >= 4 or x_nv.is_cuda:  # fp32/fp64: in place; CUDA converts inside the kernel
         return x_nv.mul_(scale_n[:, None])
     buf = _workspace(1, rows, x_nv.shape[0], shard, x_nv.device)[0]

@@ -18,7 +18,7 @@ forward + backward at b=8, 384 tokens, 4 heads (fp32, one CPU thread, ``python b
 Without autograd (evaluation, ``tools/verify_conversion.py``) nothing is stored and megatron's path
 stays, bit for bit the same as HF's eager attention at TP1; the training step's teacher forward, for
 which megatron's path would still materialise fp32 [b, heads, sq, sk] scores and probabilities for the
-whole micro-batch (52 MiB each at b=8, 640 tokens, 4 heads), asks for SDPA with
+whole micro-batch (50 MiB each, by count, at b=8, 640 tokens, 4 heads), asks for SDPA with
 ``fused_attention_without_grad()`` (and so scores with the same kernel as the student). Attention
 dropout, query-key layer scaling, softmax offsets, windows, biases or a non-boolean mask keep
 megatron's ``DotProductAttention`` too.

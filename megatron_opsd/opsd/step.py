@@ -570,7 +570,7 @@ def optimizer_step(optimizer, clip_grad: float, step: int) -> float | None:
     if clip_grad > 0:
         clip_by_total_norm(optimizer, clip_grad, grad_norm)
     optimizer.step_with_ready_grads()
-    cpu_compat.release_free_heap()  # the update's freed temporaries, before the next rollout allocates
+    cpu_compat.release_free_heap()  # the backward's freed pages, before the next rollout allocates on top
     return grad_norm
 
 
