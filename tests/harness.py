@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+RENDEZVOUS_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 def free_port() -> int:
@@ -35,7 +36,10 @@ def torchrun_cmd(script: str | Path, nprocs: int, *args: str, nnodes: int = 1, n
 
 
 def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
+    """The environment of a child process: this one's, without the rendezvous variables that an
+    in-process runtime (tests/unit's ``runtime`` fixture) leaves in ``os.environ`` (a child reusing its
+    MASTER_PORT fails with EADDRINUSE while that runtime lives); ``extra`` on top."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
     env.setdefault("OMP_NUM_THREADS", "1")
     env["PYTHONUNBUFFERED"] = "1"

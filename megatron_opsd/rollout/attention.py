@@ -10,11 +10,12 @@ replaced while a rollout runs, because on this path megatron-core 0.16.1 is slow
   rotates by cache slot rather than ``position_ids``. (Its ``flash_decode`` alternative needs
   flash-attn's CUDA kernel; the non-flash fallback, ``apply_rotary_pos_emb_with_cos_sin``, takes the
   cosine of precomputed cosines.) Here a forward pre-hook on each ``TransformerBlock`` drops
-  ``rotary_pos_emb``, and the core attention rotates the queries and the keys of the new tokens (in
-  place, inside the cache) at each row's own positions: cached keys are rotated exactly once, and a
-  left-padded row is rotated exactly as if it were alone. The rotation is megatron's formula
-  (``x cos + rotate_half(x) sin`` with the model's own frequency table), so it is bit-identical to the
-  training forward's at the same positions.
+  ``rotary_pos_emb``, and each layer's ``get_query_key_value_tensors`` returns the queries and the new
+  keys already rotated at each row's own positions, before megatron writes the keys into its cache:
+  cached keys are rotated exactly once, and a left-padded row is rotated exactly as if it were alone.
+  The rotation is megatron's formula (``x cos + rotate_half(x) sin`` with the model's own frequency
+  table, ``rotate_half(x) sin`` computed as ``roll(x) * [-sin, sin]``, which is exact), so it is
+  bit-identical to the training forward's at the same positions.
 * The core attention: ``torch.nn.functional.scaled_dot_product_attention`` on the cache view instead
   of the local spec's unfused baddbmm/masked-softmax/bmm with an RNG-tracker fork per layer.
 * The cache layout. ``allocate_cache`` hands megatron-core buffers that are [batch, groups, seq, dim]
@@ -29,12 +30,14 @@ replaced while a rollout runs, because on this path megatron-core 0.16.1 is slow
   layer); keys are still rotated in the model's dtype, as in the
   training forward.
 
-Each layer's ``core_attention.forward`` is overridden on the instance (and restored afterwards), so the
-training path never sees any of this. Supported: RoPE (plain, llama3 or linear scaling), GQA, vanilla
-softmax, no sliding window; checked by ``check_supported``.
+Each layer's ``get_query_key_value_tensors`` and ``core_attention.forward`` are overridden on the instance
+(and restored afterwards), so the training path never sees any of this. Supported: RoPE (plain, llama3
+or linear scaling), GQA, vanilla softmax, no sliding window; checked by ``check_supported``.
 
 Masks: the engine passes ``keep`` [b, 1, q, k] (True = attend); every query attends to at least itself,
-so no softmax row is empty (SDPA would return NaN for one).
+so no softmax row is empty (SDPA would return NaN for one). Batches without padding pass None: SDPA then
+runs unmasked (causal when the forward's queries are the whole sequence), which skips building and
+applying a mask at every step.
 """
 
 from __future__ import annotations
@@ -72,7 +75,7 @@ class RolloutAttention:
             check_supported(model)
         self.models = models
         self._freqs_n1d: torch.Tensor | None = None
-        self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
+        self._cos_sb1d = self._signed_sin_sb1d = self._keep_b1qk = None
         self._handles, self._overridden = [], []
 
     # ---- lifecycle -------------------------------------------------------------------------------
@@ -81,21 +84,24 @@ class RolloutAttention:
             self._handles.append(model.decoder.register_forward_pre_hook(_drop_rotary, with_kwargs=True))
             # GPTModel's table would be dropped there: not computing it also keeps megatron from slicing
             # it for context parallelism (which needs lengths that split into 2*CP chunks; decoding does not)
-            model.rotary_pos_emb.forward = _no_table
-            self._overridden.append(model.rotary_pos_emb)
+            self._override(model.rotary_pos_emb, "forward", _no_table)
             for layer in model.decoder.layers:
-                core = layer.self_attention.core_attention
-                core.forward = _bind(self._attend, core)
-                self._overridden.append(core)
+                attention = layer.self_attention
+                self._override(attention, "get_query_key_value_tensors", _bind(self._rotated_qkv, attention))
+                self._override(attention.core_attention, "forward", _bind(self._attend, attention.core_attention))
+
+    def _override(self, obj, name: str, fn) -> None:
+        setattr(obj, name, fn)
+        self._overridden.append((obj, name))
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
-        for core in self._overridden:
-            del core.forward  # back to the class's forward
+        for obj, name in self._overridden:
+            delattr(obj, name)  # back to the class's method
         self._handles.clear()
         self._overridden.clear()
-        self._freqs_n1d = self._cos_sb1d = self._sin_sb1d = self._keep_b1qk = None
+        self._freqs_n1d = self._cos_sb1d = self._signed_sin_sb1d = self._keep_b1qk = None
 
     def allocate_cache(self, context, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         """Fill ``context``'s static KV cache (megatron's ``key_value_memory_dict``, keyed by layer
@@ -115,20 +121,30 @@ class RolloutAttention:
         # get_emb: the whole table (megatron's forward keeps this rank's part under context parallelism)
         self._freqs_n1d = self.models[0].rotary_pos_emb.get_emb(max_positions)[:, 0]
 
-    def set_inputs(self, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor, dtype: torch.dtype) -> None:
-        """Per forward: each new token's position [b, s] and the attention mask (True = attend)."""
+    def set_inputs(self, positions_bs: torch.Tensor, keep_b1qk: torch.Tensor | None, dtype: torch.dtype) -> None:
+        """Per forward: each new token's position [b, s] and the attention mask (True = attend; None: every
+        query attends to every earlier key, no row has padding)."""
         freqs_sb1d = self._freqs_n1d[positions_bs.t()]
+        half = freqs_sb1d.shape[-1] // 2
         self._cos_sb1d = torch.cos(freqs_sb1d).to(dtype)  # as megatron's _apply_rotary_pos_emb_bshd
-        self._sin_sb1d = torch.sin(freqs_sb1d).to(dtype)
+        sin_sb1d = torch.sin(freqs_sb1d).to(dtype)
+        # rotate_half(x) * sin == roll(x, half) * [-sin_1, sin_2], exactly (negation is exact)
+        self._signed_sin_sb1d = torch.cat((-sin_sb1d[..., :half], sin_sb1d[..., half:]), dim=-1)
         self._keep_b1qk = keep_b1qk
 
     # ---- the kernel ------------------------------------------------------------------------------
     def _rotate(self, x_sbhd: torch.Tensor) -> torch.Tensor:
         rot = self._cos_sb1d.shape[-1]
-        x, x_pass = x_sbhd[..., :rot], x_sbhd[..., rot:]
-        x1, x2 = x.chunk(2, dim=-1)
-        out = x * self._cos_sb1d + torch.cat((-x2, x1), dim=-1) * self._sin_sb1d
-        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
+        x, x_pass = (x_sbhd, None) if rot == x_sbhd.shape[-1] else (x_sbhd[..., :rot], x_sbhd[..., rot:])
+        out = x * self._cos_sb1d + x.roll(rot // 2, dims=-1) * self._signed_sin_sb1d
+        return out if x_pass is None else torch.cat((out, x_pass), dim=-1)
+
+    def _rotated_qkv(self, attention, *args, **kwargs):
+        """megatron's ``get_query_key_value_tensors`` with RoPE applied to the query and the new keys, before
+        megatron writes them into the cache (each key is rotated once, in the model's dtype)."""
+        out = type(attention).get_query_key_value_tensors(attention, *args, **kwargs)
+        assert kwargs.get("split_qkv", True), "megatron-core asked for the unsplit QKV tensor while sampling"
+        return (self._rotate(out[0]), self._rotate(out[1]), *out[2:])
 
     def _attend(self, core, query_sbhd, key_kbgd, value_kbgd, attention_mask=None, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -136,18 +152,17 @@ class RolloutAttention:
         cache whose last s slots belong to this forward's tokens) -> context [s, b, heads * d]."""
         assert attention_bias is None and packed_seq_params is None
         s, b, heads, d = query_sbhd.shape
-        query_sbhd = self._rotate(query_sbhd)
-        new_sbgd = key_kbgd[-s:]
-        # rotated once, in place (later steps reuse it), in the model's dtype even in an fp32 cache
-        new_sbgd.copy_(self._rotate(new_sbgd.to(query_sbhd.dtype)))
         # From the config: TE's core attention has no ``softmax_scale`` attribute (the local one does).
         scale = core.config.softmax_scale or 1.0 / math.sqrt(d)
         query_bhsd, key_bgkd, value_bgkd, gqa = sdpa_operands(
             query_sbhd, key_kbgd, value_kbgd, on_cuda=query_sbhd.is_cuda)
         if not query_sbhd.is_cuda and query_sbhd.dtype != torch.float32:  # see the module docstring
             query_bhsd, key_bgkd, value_bgkd = query_bhsd.float(), key_bgkd.float(), value_bgkd.float()
+        # without a mask: causal when this forward's queries are the whole sequence, all keys for one query
+        causal = self._keep_b1qk is None and s > 1
+        assert not causal or s == key_kbgd.shape[0], "a maskless multi-token forward must start at slot 0"
         context_bhsd = F.scaled_dot_product_attention(query_bhsd, key_bgkd, value_bgkd, attn_mask=self._keep_b1qk,
-                                                      scale=scale, enable_gqa=gqa)
+                                                      is_causal=causal, scale=scale, enable_gqa=gqa)
         return context_bhsd.permute(2, 0, 1, 3).reshape(s, b, heads * d).to(query_sbhd.dtype)
 
 

@@ -26,13 +26,6 @@ CONFIG = Path(__file__).parent / "tiny.yaml"
 RUNNER = Path(__file__).parent / "bad_inputs_runner.py"
 
 
-def single_env(extra: dict | None = None) -> dict:
-    env = worker_env(extra)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
-
-
 def train_cmd(ckpt: Path, logs: Path, *overrides: str) -> list[str]:
     return [sys.executable, "-m", "megatron_opsd.train", "--config", str(CONFIG), "--parallel.tp", "1",
             "--checkpoint.dir", str(ckpt), "--logging.dir", str(logs), *overrides]
@@ -65,7 +58,7 @@ def base(tmp_path_factory) -> dict:
     proc = subprocess.run(train_cmd(run / "checkpoints", run / "logs", "--train.steps", "2",
                                     "--checkpoint.keep_last", "2", "--data.eval_path", str(eval_path),
                                     "--train.eval_problems", "0"),
-                          cwd=REPO_ROOT, env=single_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"root": root, "run": run, "ckpt": run / "checkpoints", "stdout": proc.stdout, "stderr": proc.stderr,
             "eval_path": eval_path}
@@ -310,7 +303,7 @@ def results(base, tmp_path_factory) -> dict:
     spec = work / "cases.json"
     spec.write_text(json.dumps(cases))
     proc = subprocess.run([sys.executable, str(RUNNER), str(spec), str(work / "results.json")], cwd=REPO_ROOT,
-                          env=single_env(), capture_output=True, text=True, timeout=600)
+                          env=worker_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return {"cases": {c["name"]: c for c in cases},
             "results": json.loads((work / "results.json").read_text()),
@@ -364,7 +357,7 @@ def test_damaged_tensor_data_is_one_line_naming_the_step(base, tmp_path):
     victim.write_bytes(b"\x00" * victim.stat().st_size)
     before = tree_hash(ckpt)
     proc = subprocess.run(train_cmd(ckpt, tmp_path / "logs", "--load", str(ckpt), "--train.steps", "3"),
-                          cwd=REPO_ROOT, env=single_env(), capture_output=True, text=True, timeout=300)
+                          cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
     assert lines == [f"megatron_opsd.train: error: {ckpt / 'step_0000002'}: the checkpoint cannot be read "
@@ -378,7 +371,7 @@ def test_non_finite_update_stops_with_exit_3_and_no_checkpoint(tmp_path):
     """Step 2's update writes a NaN (test hook; finite loss and gradients): the run stops at once with
     exit 3 naming step 2, keeps step 1's checkpoint, and writes none for step 2."""
     proc = subprocess.run(train_cmd(tmp_path / "ckpt", tmp_path / "logs", "--checkpoint.save_every", "1"),
-                          cwd=REPO_ROOT, env=single_env({"MEGATRON_OPSD_FAULT": "nonfinite_update:2"}),
+                          cwd=REPO_ROOT, env=worker_env({"MEGATRON_OPSD_FAULT": "nonfinite_update:2"}),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = proc.stderr.strip().splitlines()
@@ -391,7 +384,7 @@ def test_non_finite_update_stops_with_exit_3_and_no_checkpoint(tmp_path):
 def test_launcher_validates_once_before_torchrun(base, tmp_path):
     """examples/run_opsd.sh: a bad config is one line and exit 2 (not torchrun's 1, not once per rank);
     a finished run is one line and exit 0, with no workers started."""
-    env = single_env({"NPROC_PER_NODE": "2", "MASTER_PORT": "1"})  # port 1: torchrun would fail to start
+    env = worker_env({"NPROC_PER_NODE": "2", "MASTER_PORT": "1"})  # port 1: torchrun would fail to start
     bad = subprocess.run(["bash", "examples/run_opsd.sh", "--config", str(CONFIG), "--parallel.tp", "3",
                           "--checkpoint.dir", str(tmp_path / "c"), "--logging.dir", str(tmp_path / "l")],
                          cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -436,7 +429,7 @@ def test_kill_9_of_the_trainer_leaves_no_orphans(tmp_path):
     tracker) die with a SIGKILLed trainer instead of living on as orphans."""
     proc = subprocess.Popen(train_cmd(tmp_path / "ckpt", tmp_path / "logs", "--train.steps", "1000",
                                       "--checkpoint.save_every", "1"),
-                            cwd=REPO_ROOT, env=single_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            cwd=REPO_ROOT, env=worker_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     assert _kill_and_list_survivors(proc, tmp_path / "ckpt" / "latest", proc.pid) == []
 

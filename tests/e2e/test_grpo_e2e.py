@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_bad_inputs import single_env
-from tests.harness import REPO_ROOT
+from tests.harness import REPO_ROOT, worker_env
 
 CONFIG = Path(__file__).parent / "tiny.yaml"
 GRPO = ["--loss.mode", "grpo", "--rollout.samples_per_prompt", "2", "--logging.tensorboard", "false"]
@@ -22,7 +21,7 @@ GRPO = ["--loss.mode", "grpo", "--rollout.samples_per_prompt", "2", "--logging.t
 def train(tmp_path, *overrides, timeout=300):
     cmd = [sys.executable, "-m", "megatron_opsd.train", "--config", str(CONFIG), "--parallel.tp", "1",
            "--checkpoint.dir", str(tmp_path / "ck"), "--logging.dir", str(tmp_path / "logs"), *GRPO, *overrides]
-    return subprocess.run(cmd, cwd=REPO_ROOT, env=single_env(), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def test_grpo_run_logs_reward_metrics_and_saves(tmp_path):
@@ -102,7 +101,7 @@ def test_sft_mode_trains_on_the_reference_solutions(tmp_path):
     cmd = [sys.executable, "-m", "megatron_opsd.train", "--config", str(CONFIG), "--parallel.tp", "1",
            "--checkpoint.dir", str(tmp_path / "ck"), "--logging.dir", str(tmp_path / "logs"), "--loss.mode", "sft",
            "--train.steps", "1", "--logging.tensorboard", "false", "--data.overlong", "truncate_response"]
-    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=single_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=worker_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = next(json.loads(x) for x in (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
                if '"train"' in x)

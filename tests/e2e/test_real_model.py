@@ -46,8 +46,6 @@ def smollm2_gguf() -> Path | None:
 
 def run_tool(*args, check: bool = True) -> subprocess.CompletedProcess:
     env = worker_env()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=600)
     if check:

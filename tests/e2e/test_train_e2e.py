@@ -90,8 +90,6 @@ def test_pp2_run_and_kill_after_step(tmp_path):
 
 def run_single(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
     env = worker_env()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
     return subprocess.run(
         [sys.executable, "-m", "megatron_opsd.train", "--config", str(CONFIG), "--parallel.tp", "1",
          "--checkpoint.dir", str(tmp / "ckpt"), "--logging.dir", str(tmp / "logs"), *overrides],

@@ -95,3 +95,49 @@ def test_release_free_heap_gives_freed_tensor_pages_back():
         print(before - rss_mib())
     """)
     assert int(out.split()[-1]) > 200  # MiB given back of the 256 freed
+
+
+def test_placement_free_repeats_probe_then_leave_the_mode_and_fall_back_on_error():
+    out = _run("""
+        import torch
+        from megatron_opsd import cpu_compat
+        assert cpu_compat.apply() is True
+
+        def mode_on():
+            return cpu_compat._mode_is_active()
+
+        # a function with no CUDA placement: probed once under the mode, then run without it
+        free = cpu_compat.PlacementFreeRepeats(enabled=True)
+        assert [free(mode_on) for _ in range(4)] == [True, False, False, False]
+        assert free.calls_without_mode == 3 and cpu_compat._mode_is_active()  # the mode is back after each
+
+        # one that places on CUDA: the probe sees it, every call keeps the mode
+        placing = cpu_compat.PlacementFreeRepeats(enabled=True)
+        assert [placing(lambda: (torch.zeros(1, device="cuda"), mode_on())[1]) for _ in range(3)] == [True] * 3
+        assert placing.state == "off" and placing.calls_without_mode == 0
+
+        # one that places on CUDA only later (a data-dependent branch): that call fails outside the mode,
+        # is re-run under it, and so is every later call
+        calls = []
+        def late(i):
+            calls.append(mode_on())
+            return torch.zeros(1, device="cuda" if i >= 2 else "cpu").device.type
+        late_free = cpu_compat.PlacementFreeRepeats(enabled=True)
+        assert [late_free(late, i) for i in range(4)] == ["cpu"] * 4
+        assert calls == [True, False, False, True, True], calls
+        assert late_free.state == "off" and late_free.calls_without_mode == 1
+
+        # disabled, or another torch-function mode on top: always under the mode
+        off = cpu_compat.PlacementFreeRepeats(enabled=False)
+        assert [off(mode_on) for _ in range(2)] == [True, True]
+        from torch.overrides import TorchFunctionMode
+        class Other(TorchFunctionMode):
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                return func(*args, **(kwargs or {}))
+        nested = cpu_compat.PlacementFreeRepeats(enabled=True)
+        nested(mode_on)
+        with Other():
+            assert nested(mode_on) is True and nested.calls_without_mode == 0
+        print("ok")
+    """)
+    assert "ok" in out

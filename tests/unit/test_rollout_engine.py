@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from megatron_opsd.rollout import MegatronRolloutEngine, SampleKey, SamplingParams
+from megatron_opsd.rollout.attention import RolloutAttention
 from tests.distributed.workers.rollout_common import (PROMPTS, hf_greedy, hf_model, hf_token_logprobs,
                                                       megatron_from_hf, trainer_logprobs)
 
@@ -274,3 +275,45 @@ def test_packed_weights_leave_replaced_linears_alone(runtime, llama):
         assert row._forward_impl is wrapper
     finally:
         del row._forward_impl
+
+
+def test_unpadded_batches_attend_without_a_mask(runtime, llama, monkeypatch):
+    """Prompts of one length need no attention mask (causal prefill, then every cached key): the same
+    tokens as HF on each prompt alone and the trainer's log-probs, with no mask ever built."""
+    hf, chunks, cfg = llama
+    prompts = [p[:4] for p in PROMPTS if len(p) >= 4]
+    assert len(prompts) >= 2
+    masks = []
+    set_inputs = RolloutAttention.set_inputs
+
+    def recording(self, positions, keep, dtype):
+        masks.append(keep)
+        set_inputs(self, positions, keep, dtype)
+
+    monkeypatch.setattr(RolloutAttention, "set_inputs", recording)
+    greedy = engine(llama, runtime).generate(prompts, SamplingParams(greedy=True, max_new_tokens=8))
+    for prompt, ids in zip(prompts, greedy.response_ids):
+        assert ids == hf_greedy(hf, prompt, 8, ())
+    plain = SamplingParams(temperature=1.1, max_new_tokens=8, seed=3)
+    sampled = engine(llama, runtime).generate(prompts, plain)
+    ref = trainer_logprobs(chunks, runtime, prompts, sampled.response_ids, vocab_size=cfg.vocab_size,
+                           temperatures=(1.0, plain.temperature))
+    for i in range(len(prompts)):
+        torch.testing.assert_close(torch.tensor(sampled.model_logprobs[i]), ref[i][1.0], atol=LOGPROB_TOL, rtol=0)
+    assert masks and all(m is None for m in masks)
+    engine(llama, runtime).generate(PROMPTS, plain)  # prompts of several lengths: masked
+    assert masks[-1] is not None
+
+
+def test_decode_steps_leave_the_placement_mode_with_the_same_samples(runtime, llama):
+    """At TP=1 every decode step after the probe runs outside cpu_compat's placement mode; the samples
+    and log-probs are those of a rollout that keeps the mode throughout."""
+    fast = engine(llama, runtime)
+    free = fast.generate(PROMPTS, PAPER)
+    assert fast.stats["steps_outside_placement_mode"] == PAPER.max_new_tokens - 2  # prefill, probe
+    slow = engine(llama, runtime)
+    slow._single_rank_model = False  # as for a model split over ranks: the mode stays on
+    kept = slow.generate(PROMPTS, PAPER)
+    assert slow.stats["steps_outside_placement_mode"] == 0
+    assert free.response_ids == kept.response_ids
+    assert free.model_logprobs == kept.model_logprobs and free.sampling_logprobs == kept.sampling_logprobs
