@@ -14,6 +14,8 @@ included). Rows:
   ours (KV cache)      MegatronRolloutEngine: megatron-core StaticInferenceContext + sharded sampler,
                        linears on oneDNN-prepacked weights (``rollout/packed_linear.py``)
   ours, unpacked       the same with ``packed_weights=False`` (torch's default CPU matmul kernels)
+  ours, mode kept      the same with ``leave_placement_mode=False``: every decode step under
+                       ``cpu_compat``'s placement mode (a Python handler on every torch call)
   HF generate          transformers LlamaForCausalLM.generate (sdpa attention, DynamicCache), run without
                        the torch-function mode our CPU patches keep active (``cpu_compat``)
   no-cache recompute   MegatronRolloutEngine(kv_cache=False): the full sequence every step (only
@@ -108,9 +110,9 @@ def main(argv=None) -> None:
     keys = [SampleKey(0, i, 0) for i in range(args.batch)]
     sampling = dict(greedy=True) if args.greedy else dict(temperature=1.1, top_k=20, top_p=0.95)
 
-    def ours(new_tokens, kv_cache=True, packed_weights=True):
+    def ours(new_tokens, kv_cache=True, packed_weights=True, leave_placement_mode=True):
         engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size, kv_cache=kv_cache,
-                                       packed_weights=packed_weights)
+                                       packed_weights=packed_weights, leave_placement_mode=leave_placement_mode)
         out = engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new_tokens, **sampling), keys)
         assert all(len(r) == new_tokens for r in out.response_ids)
 
@@ -125,10 +127,12 @@ def main(argv=None) -> None:
 
     runs = {"ours (KV cache)": (lambda: ours(args.new_tokens), args.new_tokens),
             "ours, unpacked weights": (lambda: ours(args.new_tokens, packed_weights=False), args.new_tokens),
+            "ours, placement mode kept": (lambda: ours(args.new_tokens, leave_placement_mode=False), args.new_tokens),
             "HF generate (KV cache)": (lambda: hf_generate(args.new_tokens), args.new_tokens),
             "no-cache recompute (ours)": (lambda: ours(args.no_cache_new_tokens, kv_cache=False),
                                           args.no_cache_new_tokens)}
-    ours(4), ours(4, packed_weights=False), hf_generate(4), ours(4, kv_cache=False)  # warm-up
+    ours(4), ours(4, packed_weights=False), ours(4, leave_placement_mode=False), hf_generate(4)  # warm-up
+    ours(4, kv_cache=False)
     best = {name: float("inf") for name in runs}
     best_cpu = dict(best)
     for _ in range(args.repeats):

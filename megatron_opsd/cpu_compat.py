@@ -336,16 +336,16 @@ class PlacementFreeRepeats:
     """Runs a function called many times with the same code path (a decode step) outside the placement
     mode, once one call under the mode has shown that it places nothing on CUDA.
 
-    Why: the mode's Python handler sees every torch call, attribute reads included: ~1,600 per decode
-    step of a 12-layer model, ~20% of a CPU decode step's time (``benchmarks/rollout.py``). A decode
-    step of a single-rank dense model makes no CUDA placement at all (megatron's ones are in setup,
-    collectives and the MoE dispatcher). The first call (the probe) runs under the mode and counts the
+    Why: the mode's Python handler sees every torch call, attribute reads included (thousands per decode
+    step; ``benchmarks/rollout.py`` prints the engine with and without this). A decode step of a
+    single-rank dense model makes no CUDA placement at all (megatron's ones are in setup, collectives
+    and the MoE dispatcher). The first call (the probe) runs under the mode and counts the
     placements it rewrites; with none, later calls run without the mode. If one of them raises anyway
     (a data-dependent branch that places on CUDA), it is re-run under the mode, and so are all later
     calls: ``fn`` must be safe to re-run after a partial call (a decode step is: it rewrites the same
     cache slots), and the caller enables this only where no other rank waits on a collective inside it.
-    Inactive (``fn`` called as is) on GPU, when disabled, or when another torch-function mode is on top
-    of the placement mode."""
+    Inactive (``fn`` called as is) on GPU, when disabled, or while another torch-function mode is active
+    besides the placement mode."""
 
     def __init__(self, enabled: bool) -> None:
         self.state = "probe" if enabled and _applied else "off"

@@ -68,11 +68,16 @@ class MegatronRolloutEngine:
     (larger requests are split; results do not depend on the split). ``kv_cache``: False recomputes
     the full sequence every step (reference path). ``packed_weights``: on CPU, run the linears on
     oneDNN-prepacked copies of their weights while sampling (``packed_linear.py``; ignored on CUDA).
+    ``leave_placement_mode``: on CPU, run the decode steps of a model on one rank outside
+    ``cpu_compat``'s placement mode once a first step has shown they need none
+    (``cpu_compat.PlacementFreeRepeats``; False keeps the mode, for comparisons). Neither option changes
+    the samples.
     """
 
     def __init__(self, chunks: Sequence[torch.nn.Module], runtime: ParallelRuntime, *, vocab_size: int,
                  pad_id: int = 0, max_batch_size: int | None = None, kv_cache: bool = True,
-                 shared_prefill: bool = True, packed_weights: bool = True) -> None:
+                 shared_prefill: bool = True, packed_weights: bool = True,
+                 leave_placement_mode: bool = True) -> None:
         self.chunks = list(chunks)
         self.runtime = runtime
         self.vocab_size = vocab_size
@@ -98,7 +103,8 @@ class MegatronRolloutEngine:
         # They decode in lockstep: as many batches and steps as the busiest of them, finished ranks
         # running their finished rows (outputs discarded), or a placeholder batch.
         self._lockstep = runtime.ep_group if getattr(config, "num_moe_experts", None) and runtime.ep > 1 else None
-        self._single_rank_model = runtime.tp == runtime.pp == runtime.cp == runtime.ep == 1
+        # only on one rank: a call re-run under the mode must not leave peers waiting in a collective
+        self._leave_placement_mode = leave_placement_mode and runtime.tp == runtime.pp == runtime.cp == runtime.ep == 1
         self.stats = _new_stats()
 
     # ---- public --------------------------------------------------------------------------------
@@ -160,7 +166,7 @@ class MegatronRolloutEngine:
         # CPU: the decode forwards and the sampling of a single-rank model run outside cpu_compat's placement
         # mode once each has shown that it places nothing on CUDA (the mode's per-call handler costs ~30% of
         # a decode step)
-        outside_mode = self._single_rank_model and context is not None
+        outside_mode = self._leave_placement_mode and context is not None
         decode_forward = cpu_compat.PlacementFreeRepeats(enabled=outside_mode)
         sample = cpu_compat.PlacementFreeRepeats(enabled=outside_mode)
         try:

@@ -311,8 +311,7 @@ def test_decode_steps_leave_the_placement_mode_with_the_same_samples(runtime, ll
     fast = engine(llama, runtime)
     free = fast.generate(PROMPTS, PAPER)
     assert fast.stats["steps_outside_placement_mode"] == PAPER.max_new_tokens - 2  # prefill, probe
-    slow = engine(llama, runtime)
-    slow._single_rank_model = False  # as for a model split over ranks: the mode stays on
+    slow = engine(llama, runtime, leave_placement_mode=False)
     kept = slow.generate(PROMPTS, PAPER)
     assert slow.stats["steps_outside_placement_mode"] == 0
     assert free.response_ids == kept.response_ids
