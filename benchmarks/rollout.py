@@ -3,6 +3,7 @@
     python benchmarks/rollout.py                 # the issue's sizes: ~134M Llama, batch 8, 128 + 256
     python benchmarks/rollout.py --quick         # a small smoke run
     python benchmarks/rollout.py --dtype bf16    # both sides' weights, activations and KV cache in bf16
+    python benchmarks/rollout.py --profile 40    # also: where our decode step spends its time (torch.profiler)
 
 One process, TP=1, fp32 (or ``--dtype bf16``: weights, activations and KV cache in bf16; our sampler
 works in fp32 on the logits, our CPU attention in fp32), the same random Llama-shaped weights in both
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--greedy", action="store_true")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--quick", action="store_true", help="tiny sizes (smoke run)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after the table, profile STEPS decode steps of ours (from decode step 8) with torch.profiler")
     args = p.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.heads, args.kv_heads, args.ffn, args.vocab = 128, 2, 4, 4, 256, 1000
@@ -156,7 +159,48 @@ def main(argv=None) -> None:
         rate, rate_cpu = args.batch * new_tokens / best[name], args.batch * new_tokens / best_cpu[name]
         print(f"| {name} | {new_tokens} | {best[name]:.1f} | {rate:.1f} | {rate / ref:.2f}x | {best_cpu[name]:.1f} | "
               f"{rate_cpu:.1f} | {rate_cpu / ref_cpu:.2f}x |")
+    if args.profile:
+        profile_decode(chunks, runtime, cfg, prompts, keys, sampling, args.profile)
     runtime.destroy()
+
+
+def profile_decode(chunks, runtime, cfg, prompts, keys, sampling, steps: int, first: int = 8) -> None:
+    """Self CPU time per decode step by operator (the main thread's view: an op's time includes its other
+    threads' work), over decode steps ``first`` .. ``first + steps - 1`` of one rollout of ours."""
+    import torch
+    from torch.profiler import profile
+
+    from megatron_opsd.rollout import MegatronRolloutEngine, SamplingParams
+
+    engine = MegatronRolloutEngine(chunks, runtime, vocab_size=cfg.vocab_size)
+    prof, seen, wall = profile(), [], {}
+    forward = engine._forward
+
+    def counting_forward(tokens_bs, *rest):  # decode forwards only: one new token per row
+        if tokens_bs.shape[1] == 1:
+            seen.append(1)
+            if len(seen) == first:
+                prof.__enter__()
+                wall["start"] = time.perf_counter()
+            elif len(seen) == first + steps:
+                wall["s"] = time.perf_counter() - wall["start"]
+                prof.__exit__(None, None, None)
+        return forward(tokens_bs, *rest)
+
+    engine._forward = counting_forward
+    engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=first + steps + 1, **sampling), keys)
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total_ms = sum(e.self_cpu_time_total for e in events) / 1e3 / steps
+    print(f"\nOur decode steps {first}-{first + steps - 1} under torch.profiler: {wall['s'] / steps * 1e3:.1f} ms wall "
+          f"per step (profiler overhead included), {total_ms:.1f} ms of op self time, "
+          f"{sum(e.count for e in events) / steps:.0f} op calls per step\n")
+    print("| op | calls / step | self ms / step | share |\n|---|---|---|---|")
+    for e in events[:12]:
+        ms = e.self_cpu_time_total / 1e3 / steps
+        print(f"| {e.key} | {e.count / steps:.0f} | {ms:.2f} | {ms / total_ms:.0%} |")
+    rest = sum(e.self_cpu_time_total for e in events[12:]) / 1e3 / steps
+    print(f"| {len(events) - 12} other ops | {sum(e.count for e in events[12:]) / steps:.0f} | {rest:.2f} | "
+          f"{rest / total_ms:.0%} |")
 
 
 if __name__ == "__main__":
