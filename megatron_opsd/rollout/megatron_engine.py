@@ -164,8 +164,8 @@ class MegatronRolloutEngine:
             self._attention.allocate_cache(context, context.max_batch_size, self.dtype, device)
         self._attention.prepare(total)
         # CPU: the decode forwards and the sampling of a single-rank model run outside cpu_compat's placement
-        # mode once each has shown that it places nothing on CUDA (the mode's per-call handler costs ~30% of
-        # a decode step)
+        # mode once each has shown that it places nothing on CUDA (the mode's handler sees every torch call;
+        # benchmarks/rollout.py prints the engine with the mode kept beside the default)
         outside_mode = self._leave_placement_mode and context is not None
         decode_forward = cpu_compat.PlacementFreeRepeats(enabled=outside_mode)
         sample = cpu_compat.PlacementFreeRepeats(enabled=outside_mode)
