@@ -142,8 +142,8 @@ class RolloutAttention:
     def _rotated_qkv(self, attention, *args, **kwargs):
         """megatron's ``get_query_key_value_tensors`` with RoPE applied to the query and the new keys, before
         megatron writes them into the cache (each key is rotated once, in the model's dtype)."""
-        out = type(attention).get_query_key_value_tensors(attention, *args, **kwargs)
         assert kwargs.get("split_qkv", True), "megatron-core asked for the unsplit QKV tensor while sampling"
+        out = type(attention).get_query_key_value_tensors(attention, *args, **kwargs)
         return (self._rotate(out[0]), self._rotate(out[1]), *out[2:])
 
     def _attend(self, core, query_sbhd, key_kbgd, value_kbgd, attention_mask=None, attn_mask_type=None,

@@ -278,8 +278,9 @@ def test_packed_weights_leave_replaced_linears_alone(runtime, llama):
 
 
 def test_unpadded_batches_attend_without_a_mask(runtime, llama, monkeypatch):
-    """Prompts of one length need no attention mask (causal prefill, then every cached key): the same
-    tokens as HF on each prompt alone and the trainer's log-probs, with no mask ever built."""
+    """Prompts of one length need no attention mask (causal prefill, then every cached key; causal at
+    every step without the cache): the same tokens as HF on each prompt alone and the trainer's
+    log-probs, with no mask ever built."""
     hf, chunks, cfg = llama
     prompts = [p[:4] for p in PROMPTS if len(p) >= 4]
     assert len(prompts) >= 2
@@ -291,9 +292,11 @@ def test_unpadded_batches_attend_without_a_mask(runtime, llama, monkeypatch):
         set_inputs(self, positions, keep, dtype)
 
     monkeypatch.setattr(RolloutAttention, "set_inputs", recording)
-    greedy = engine(llama, runtime).generate(prompts, SamplingParams(greedy=True, max_new_tokens=8))
-    for prompt, ids in zip(prompts, greedy.response_ids):
-        assert ids == hf_greedy(hf, prompt, 8, ())
+    greedy_params = SamplingParams(greedy=True, max_new_tokens=8)
+    greedy = engine(llama, runtime).generate(prompts, greedy_params)
+    recomputed = engine(llama, runtime, kv_cache=False).generate(prompts, greedy_params)  # causal every step
+    for prompt, ids, again in zip(prompts, greedy.response_ids, recomputed.response_ids):
+        assert ids == again == hf_greedy(hf, prompt, 8, ())
     plain = SamplingParams(temperature=1.1, max_new_tokens=8, seed=3)
     sampled = engine(llama, runtime).generate(prompts, plain)
     ref = trainer_logprobs(chunks, runtime, prompts, sampled.response_ids, vocab_size=cfg.vocab_size,
