@@ -16,7 +16,7 @@ def test_opsd_step_is_layout_invariant(tmp_path):
     ref = tmp_path / "reference.json"
     out = run_torchrun(WORKERS / "opsd_step.py", 1, ref)
     assert "opsd_step reference: done" in out, out[-5000:]
-    out = run_torchrun(WORKERS / "opsd_step.py", 4, ref)
+    out = run_torchrun(WORKERS / "opsd_step.py", 4, ref, "core")
     assert "opsd_step: all checks passed" in out, out[-5000:]
     for layout in ("TP2 ", "TP2 recompute", "PP2 ", "TP2xPP2", "PP2xVPP2", "TP4", "DP4", "teacher=initial",
                    "teacher=ema", "TP2+SP ", "TP2+SPxPP2 ", "TP4+SP", "TP2+SP materialised", "TP2+SPxPP2xVPP2",
@@ -25,6 +25,19 @@ def test_opsd_step_is_layout_invariant(tmp_path):
                    "CP2 every gradient", "[sft] CP2", "CP2 checkpoint resumed at CP2",
                    "CP2 checkpoint resumed at CP1"):
         assert layout in out, f"{layout!r} did not run:\n{out[-5000:]}"
+
+
+@pytest.mark.slow  # the other divergences and LoRA over the same layouts: ~35 s more on an idle 2-core machine
+@pytest.mark.distributed
+def test_opsd_step_variants_are_layout_invariant(tmp_path):
+    ref = tmp_path / "reference.json"
+    out = run_torchrun(WORKERS / "opsd_step.py", 1, ref)
+    assert "opsd_step reference: done" in out, out[-5000:]
+    out = run_torchrun(WORKERS / "opsd_step.py", 4, ref, "variants")
+    assert "opsd_step variants: all checks passed" in out, out[-5000:]
+    for name in ("[jsd] TP2 ", "[jsd] TP2+SP ", "[top_k=8 tail] PP2 ", "[sampled_token] TP2xPP2", "[lora] TP2 ",
+                 "[lora] PP2xVPP2", "[lora] DP4", "[lora] TP2+SPxPP2"):
+        assert name in out, f"{name!r} did not run:\n{out[-5000:]}"
 
 
 @pytest.mark.distributed

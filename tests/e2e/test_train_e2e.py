@@ -79,6 +79,8 @@ def test_tp2_run_then_crash_mid_save_and_resume_reproduces_the_curve(tmp_path):
         assert resumed[step] == pytest.approx(losses[step], rel=1e-6, abs=1e-9), (step, resumed, losses)
 
 
+@pytest.mark.slow  # ~25 s; the default suite resumes through the CLI at TP2 (crash mid-save) and in bf16 (killed
+# after a step), and loads PP2 checkpoints across layouts in tests/distributed/test_conversion.py
 @pytest.mark.distributed
 def test_pp2_run_and_kill_after_step(tmp_path):
     out, run = train(tmp_path, 2, "--parallel.tp", "1", "--parallel.pp", "2", "--train.steps", "3",
@@ -193,6 +195,8 @@ def test_exported_hf_model_gives_the_checkpoints_greedy_output(tmp_path):
         assert out[0, len(prompt):].tolist() == response, (prompt, response, out)
 
 
+@pytest.mark.slow  # ~27 s; the default suite checks the step with SP and token budgets at every layout
+# (tests/distributed/test_opsd_step.py) and decoding with training's SP on (tests/distributed/test_rollout.py)
 @pytest.mark.distributed
 def test_sequence_parallel_with_token_budget_batching_trains_like_plain_tp2(tmp_path):
     """TP2 with sequence parallelism (rollout and evaluation decode with it off) and packed token-budget

@@ -1,6 +1,6 @@
 """OPSD step: loss and global gradient norm are layout-invariant; teacher isolation per mode.
 
-One 4-process launch. The same weights and the same global batch of 8 OPSD pairs (teacher prompts
+The same weights and the same global batch of 8 OPSD pairs (teacher prompts
 longer than student prompts, responses of different lengths) run under TP1PP1 (the reference),
 TP2, PP2, TP2xPP2, PP2xVPP2, DP2 and DP4, with 4 micro-batches, and TP1 with 1 micro-batch. The loss
 and the global gradient norm (before clipping) must agree within 1e-5 relative (fp32, reduction
@@ -8,7 +8,12 @@ orders differ), and one optimizer step must move the student only. Context paral
 TP2+SPxCP2, CP2xPP2) runs with the test-only all-gather attention (tests/cp_attention.py) against the
 TP1 run with megatron's own attention; at CP2 every gradient is compared too.
 
-usage: torchrun --nproc_per_node=4 opsd_step.py
+Two parts, one launch each: ``core`` (forward KL with clipping over every layout, context parallelism,
+SFT, packed micro-batches, teacher modes) and ``variants`` (the other divergences over four layouts and
+LoRA over seven: they share the core's schedule, and their kernels have their own tests; the slow suite).
+
+usage: torchrun --nproc_per_node=1 opsd_step.py REFERENCE_JSON            (writes the reference)
+       torchrun --nproc_per_node=4 opsd_step.py REFERENCE_JSON {core,variants}
 """
 
 from __future__ import annotations
@@ -251,22 +256,46 @@ def os_threads() -> int:
     return len(os.listdir(f"/proc/{os.getpid()}/task"))
 
 
-def layouts(path: str) -> None:
+def check_loss_config(model_cfg, full, pairs, refs, name: str, layouts) -> None:
+    ref = refs[name]
+    for layout, kwargs in layouts:
+        got, _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS[name]), **kwargs)
+        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+        rank_print(f"[{name}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   f"tokens={got['response_tokens']} {'ok' if ok else 'MISMATCH'}")
+        assert got["response_tokens"] == ref["response_tokens"]
+        assert ok, f"{name} {layout}: {got} vs reference {ref}"
+
+
+def variants(path: str) -> None:
+    """The other divergences and LoRA over the core's layouts (slow suite)."""
+    model_cfg, full, pairs = setup()
+    with open(path) as f:
+        refs = json.load(f)
+    for name in LOSS_CONFIGS:
+        if name != "forward_kl clip":  # the variants share the schedule; their kernels have their own tests
+            check_loss_config(model_cfg, full, pairs, refs, name, LAYOUTS[:1] + LAYOUTS[2:4] + SP_LAYOUTS[:1])
+
+    # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
+    # TP2, PP2, TP2xPP2, PP2xVPP2, DP4, TP2+SP, TP2+SPxPP2
+    for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6], *SP_LAYOUTS[:2]]:
+        got, _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"), teacher_mode="initial",
+                          lora=LORA, **kwargs)
+        ref = refs["lora"]
+        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
+        rank_print(f"[lora] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
+                   f"{'ok' if ok else 'MISMATCH'}")
+        assert ok, f"lora {layout}: {got} vs reference {ref}"
+    rank_print("opsd_step variants: all checks passed")
+
+
+def core(path: str) -> None:
     model_cfg, full, pairs = setup()  # one init/destroy cycle of the parallel state
     use_cp_test_attention()
     threads_before = os_threads()
     with open(path) as f:
         refs = json.load(f)
-    for name, fields in LOSS_CONFIGS.items():
-        ref = refs[name]
-        # the variants share the schedule; their kernels have their own tests
-        for layout, kwargs in LAYOUTS if name == "forward_kl clip" else LAYOUTS[:1] + LAYOUTS[2:4] + SP_LAYOUTS[:1]:
-            got, _ = one_step(model_cfg, full, pairs, LossConfig(**fields), **kwargs)
-            ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
-            rank_print(f"[{name}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
-                       f"tokens={got['response_tokens']} {'ok' if ok else 'MISMATCH'}")
-            assert got["response_tokens"] == ref["response_tokens"]
-            assert ok, f"{name} {layout}: {got} vs reference {ref}"
+    check_loss_config(model_cfg, full, pairs, refs, "forward_kl clip", LAYOUTS)
 
     # context parallelism: loss, grad norm and metrics as TP1; at CP2 (DP2 x CP2) every gradient too
     ref = refs["forward_kl clip"]
@@ -310,17 +339,6 @@ def layouts(path: str) -> None:
             rank_print(f"[{mode}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
                        f"{'ok' if ok else 'MISMATCH'}")
             assert got["response_tokens"] == ref["response_tokens"] and ok, f"{mode} {layout}: {got} vs {ref}"
-
-    # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
-    # TP2, PP2, TP2xPP2, PP2xVPP2, DP4, TP2+SP, TP2+SPxPP2
-    for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6], *SP_LAYOUTS[:2]]:
-        got, _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"), teacher_mode="initial",
-                          lora=LORA, **kwargs)
-        ref = refs["lora"]
-        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
-        rank_print(f"[lora] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
-                   f"{'ok' if ok else 'MISMATCH'}")
-        assert ok, f"lora {layout}: {got} vs reference {ref}"
 
     # Teacher modes: the student moves, a frozen teacher does not, an EMA teacher does.
     for mode, should_move in (("initial", False), ("ema", True)):
@@ -366,4 +384,7 @@ def layouts(path: str) -> None:
 
 
 if __name__ == "__main__":
-    (reference if int(os.environ.get("WORLD_SIZE", "1")) == 1 else layouts)(sys.argv[1])
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        reference(sys.argv[1])
+    else:
+        {"core": core, "variants": variants}[sys.argv[2]](sys.argv[1])
