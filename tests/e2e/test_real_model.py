@@ -123,6 +123,8 @@ def test_conversion_parity_tp1(smollm2, tmp_path):
     assert verify(hf, meg, tmp_path)["max_abs_diff"] <= ATOL_TP1
 
 
+@pytest.mark.slow  # ~21 s; one KV group per TP rank and TP > groups are checked on tiny models by default
+# (tests/distributed/test_conversion.py: TP2 and TP4 over 2 KV groups)
 @pytest.mark.distributed
 def test_conversion_parity_tp3(smollm2, tmp_path):
     """9 heads / 3 KV heads: TP3 puts one KV group on each rank."""
