@@ -11,12 +11,17 @@ from tests.harness import run_torchrun
 WORKERS = Path(__file__).parent / "workers"
 
 
-@pytest.mark.distributed
-def test_opsd_step_is_layout_invariant(tmp_path):
+def run_part(tmp_path, part: str) -> str:
+    """The TP1/PP1/DP1 reference (one process), then ``part`` of the layouts on four."""
     ref = tmp_path / "reference.json"
     out = run_torchrun(WORKERS / "opsd_step.py", 1, ref)
     assert "opsd_step reference: done" in out, out[-5000:]
-    out = run_torchrun(WORKERS / "opsd_step.py", 4, ref, "core")
+    return run_torchrun(WORKERS / "opsd_step.py", 4, ref, part)
+
+
+@pytest.mark.distributed
+def test_opsd_step_is_layout_invariant(tmp_path):
+    out = run_part(tmp_path, "core")
     assert "opsd_step: all checks passed" in out, out[-5000:]
     for layout in ("TP2 ", "TP2 recompute", "PP2 ", "TP2xPP2", "PP2xVPP2", "TP4", "DP4", "teacher=initial",
                    "teacher=ema", "TP2+SP ", "TP2+SPxPP2 ", "TP4+SP", "TP2+SP materialised", "TP2+SPxPP2xVPP2",
@@ -30,10 +35,7 @@ def test_opsd_step_is_layout_invariant(tmp_path):
 @pytest.mark.slow  # the other divergences and LoRA over the same layouts: ~35 s more on an idle 2-core machine
 @pytest.mark.distributed
 def test_opsd_step_variants_are_layout_invariant(tmp_path):
-    ref = tmp_path / "reference.json"
-    out = run_torchrun(WORKERS / "opsd_step.py", 1, ref)
-    assert "opsd_step reference: done" in out, out[-5000:]
-    out = run_torchrun(WORKERS / "opsd_step.py", 4, ref, "variants")
+    out = run_part(tmp_path, "variants")
     assert "opsd_step variants: all checks passed" in out, out[-5000:]
     for name in ("[jsd] TP2 ", "[jsd] TP2+SP ", "[top_k=8 tail] PP2 ", "[sampled_token] TP2xPP2", "[lora] TP2 ",
                  "[lora] PP2xVPP2", "[lora] DP4", "[lora] TP2+SPxPP2"):
