@@ -55,8 +55,12 @@ class PhaseSampler:
     def _run(self) -> None:
         while True:
             if self.counting:
+                phase = self.phase
                 rss = vs_trl._rss_gib()
-                self.peaks[self.phase] = max(self.peaks.get(self.phase, 0.0), rss)
+                # a sample taken while the phase changed belongs to either: dropped (the next one, 2 ms on,
+                # is not), else a rollout's peak read just before it returned was filed under the next phase
+                if self.phase == phase:
+                    self.peaks[phase] = max(self.peaks.get(phase, 0.0), rss)
             time.sleep(0.002)
 
     def wrap(self, fn, phase: str, after: str):

@@ -40,3 +40,22 @@ def test_memory_allocated_inside_a_phase_is_filed_under_it():
     sampler.counting = False
     assert sampler.phase == "between"
     assert sampler.peaks["rollout"] - sampler.peaks["between"] > 0.04  # GiB
+
+
+def test_a_sample_read_while_the_phase_ends_is_not_filed_under_the_next(monkeypatch):
+    """The sampler thread reads the RSS, then files it: a rollout's peak read just before the rollout
+    returned must not become the next phase's peak (seen under load: the two phases' peaks equal)."""
+    sampler = step_phases.PhaseSampler()
+
+    def rss_read_as_the_rollout_returns():
+        if sampler.phase == "rollout":
+            sampler.phase = "between"  # the main thread leaves the phase during the read
+            return 5.0
+        return 1.0
+
+    monkeypatch.setattr(step_phases.vs_trl, "_rss_gib", rss_read_as_the_rollout_returns)
+    sampler.phase, sampler.counting = "rollout", True
+    time.sleep(0.05)
+    sampler.counting = False
+    time.sleep(0.01)  # the thread's last read
+    assert sampler.peaks == {"between": 1.0}
