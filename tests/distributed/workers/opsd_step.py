@@ -76,6 +76,7 @@ def micro_batches(pairs, runtime, num_microbatches, pack=False, budget=None):
 
 
 LORA = LoRAConfig(rank=4, alpha=8.0)
+LORA_LOSS = LossConfig(clip=2e-4, teacher="initial")  # theta_0 teacher: the adapters switched off
 
 
 def random_adapters(model_cfg, lora, seed: int = 9) -> dict:
@@ -199,8 +200,7 @@ def reference(path: str) -> None:
         assert same, (whole, ref)
         out[name] = ref
     # LoRA, theta_0 teacher by adapter switch-off (its reference against peft: lora_reference.py)
-    out["lora"], _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"),
-                              teacher_mode="initial", lora=LORA)
+    out["lora"], _ = one_step(model_cfg, full, pairs, LORA_LOSS, teacher_mode="initial", lora=LORA)
     out["sft"], _ = one_step(model_cfg, full, pairs, LossConfig(mode="sft"))
     spread = make_pairs(model_cfg.vocab_size, seed=4, spread=True)
     for mode, cfg in (("opsd", LossConfig(**LOSS_CONFIGS["forward_kl clip"])), ("sft", LossConfig(mode="sft"))):
@@ -256,10 +256,14 @@ def os_threads() -> int:
     return len(os.listdir(f"/proc/{os.getpid()}/task"))
 
 
-def check_loss_config(model_cfg, full, pairs, refs, name: str, layouts) -> None:
+def check_loss_config(model_cfg, full, pairs, refs, name: str, layouts, loss_cfg: LossConfig | None = None,
+                      **step_options) -> None:
+    """One step per layout against ``refs[name]``: loss, grad norm and the response-token count.
+    ``loss_cfg``: LOSS_CONFIGS[name] unless given; ``step_options``: for every layout (e.g. LoRA)."""
     ref = refs[name]
+    loss_cfg = loss_cfg or LossConfig(**LOSS_CONFIGS[name])
     for layout, kwargs in layouts:
-        got, _ = one_step(model_cfg, full, pairs, LossConfig(**LOSS_CONFIGS[name]), **kwargs)
+        got, _ = one_step(model_cfg, full, pairs, loss_cfg, **kwargs, **step_options)
         ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
         rank_print(f"[{name}] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
                    f"tokens={got['response_tokens']} {'ok' if ok else 'MISMATCH'}")
@@ -278,14 +282,8 @@ def variants(path: str) -> None:
 
     # LoRA: adapters only train; loss and adapter grad norm are layout-invariant
     # TP2, PP2, TP2xPP2, PP2xVPP2, DP4, TP2+SP, TP2+SPxPP2
-    for layout, kwargs in [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6], *SP_LAYOUTS[:2]]:
-        got, _ = one_step(model_cfg, full, pairs, LossConfig(clip=2e-4, teacher="initial"), teacher_mode="initial",
-                          lora=LORA, **kwargs)
-        ref = refs["lora"]
-        ok = close(got["loss"], ref["loss"]) and close(got["grad_norm"], ref["grad_norm"])
-        rank_print(f"[lora] {layout:<9} loss={got['loss']:.8f} grad_norm={got['grad_norm']:.8f} "
-                   f"{'ok' if ok else 'MISMATCH'}")
-        assert ok, f"lora {layout}: {got} vs reference {ref}"
+    check_loss_config(model_cfg, full, pairs, refs, "lora", [LAYOUTS[0], *LAYOUTS[2:5], LAYOUTS[6], *SP_LAYOUTS[:2]],
+                      LORA_LOSS, teacher_mode="initial", lora=LORA)
     rank_print("opsd_step variants: all checks passed")
 
 
