@@ -6,12 +6,16 @@ synchronisation, timing events). Each patch below says why it exists. Nothing he
 
 These patches touch private names: they are written for exactly ``SUPPORTED_MEGATRON_CORE`` and the
 CPU test suite must be re-run on any upgrade.
+
+One patch acts at import, before megatron-core is imported: ``defer_megatron_compile`` (called by
+``megatron_opsd/__init__.py`` on torch builds without CUDA).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 
 import torch
@@ -131,6 +135,46 @@ def _patch_rng_tracker() -> None:
     mp_random._get_cuda_rng_state = get_state
     mp_random._set_cuda_rng_state = set_state
     mp_random.CudaRNGStatesTracker.add = add
+
+
+def defer_megatron_compile() -> None:
+    """Why: megatron-core decorates ~40 fusion functions with ``torch.compile`` (``megatron.core.jit``'s
+    ``jit_fuser``) as its modules are imported, and ``torch.compile`` imports dynamo and inductor: ~1.9 s
+    of the start of every process that imports megatron-core on this machine (a worker, a tool; a
+    python -X importtime of megatron's GPT model, optimizer and dist_checkpointing: 4.7 s, 2.8 s with
+    this), while none of those fusions runs on our CPU path (``models/provider.py`` switches the
+    fusions off without CUDA). Here functions defined in ``megatron.core`` are handed to
+    ``torch.compile`` at their first call instead; torch.compile compiles at the first call anyway, so
+    only the import moves. Every other ``torch.compile`` call goes straight through. Applied once, at
+    ``import megatron_opsd``, on torch builds without CUDA only (``torch.cuda.is_available()`` is not
+    asked at import: on a CUDA build it would initialise the driver before any fork)."""
+    if torch.backends.cuda.is_built() or getattr(torch.compile, "_defers_megatron", False):
+        return
+    torch.compile = _deferring_compile(torch.compile)
+
+
+def _deferring_compile(real):
+    """``torch.compile`` that defers the compilation of megatron-core's functions to their first call."""
+
+    @functools.wraps(real)
+    def compile(model=None, **options):
+        if model is None:  # @torch.compile(...) with options
+            return functools.partial(compile, **options)
+        if not (inspect.isfunction(model) and model.__module__.startswith("megatron.core")):
+            return real(model, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def first_call_compiles(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return first_call_compiles
+
+    compile._defers_megatron = True
+    return compile
 
 
 def _define_missing_te_names() -> None:

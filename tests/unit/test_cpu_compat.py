@@ -141,3 +141,43 @@ def test_placement_free_repeats_probe_then_leave_the_mode_and_fall_back_on_error
         print("ok")
     """)
     assert "ok" in out
+
+
+def test_megatron_functions_are_compiled_at_their_first_call_and_nothing_else_changes():
+    """``defer_megatron_compile``: importing megatron-core after megatron_opsd imports no dynamo (the
+    ~1.9 s it saves per process), megatron's decorated fusions still compute their formula, and
+    torch.compile's options and every non-megatron caller reach the real torch.compile unchanged."""
+    out = _run("""
+        import sys
+        import megatron_opsd  # applies the deferral
+        import megatron.core.models.gpt, megatron.core.optimizer, megatron.core.dist_checkpointing
+        import megatron.core.activations
+        print("dynamo imported:", "torch._dynamo" in sys.modules)
+        print("is deferring:", getattr(megatron.core.jit.jit_fuser, "_defers_megatron", False))
+    """)
+    assert "dynamo imported: False" in out and "is deferring: True" in out, out
+
+    from megatron_opsd import cpu_compat
+
+    calls = []
+
+    def real(model=None, **options):  # stands in for torch.compile: records and returns a doubling wrapper
+        calls.append((model.__name__, options))
+        return lambda *args: 2 * model(*args)
+
+    compile = cpu_compat._deferring_compile(real)
+
+    def megatron_fn(x):
+        return x + 1
+
+    def user_fn(x):
+        return x + 1
+
+    megatron_fn.__module__ = "megatron.core.fusions.fake"
+    deferred = compile(megatron_fn)
+    with_options = compile(fullgraph=True)(megatron_fn)
+    assert calls == []  # nothing compiled at decoration
+    assert deferred(1) == 4 and deferred(2) == 6 and with_options(1) == 4
+    assert calls == [("megatron_fn", {}), ("megatron_fn", {"fullgraph": True})]  # once each, options kept
+    assert compile(user_fn, mode="max-autotune")(1) == 4
+    assert calls[-1] == ("user_fn", {"mode": "max-autotune"})  # at once: not deferred
