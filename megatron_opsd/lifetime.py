@@ -1,7 +1,8 @@
 """Processes die with their parent (Linux).
 
-megatron-core's dist_checkpointing forks writer processes during a save (and spawns a
-multiprocessing manager for their results); a forked child inherits the trainer's SIGTERM/SIGINT
+megatron-core's dist_checkpointing forks writer processes during a save (and starts a
+multiprocessing manager for their results: spawned on GPU, forked on CPU, see
+``cpu_compat._patch_checkpoint_results_queue``); a forked child inherits the trainer's SIGTERM/SIGINT
 handlers (which only set a flag), so after ``kill -9`` of the trainer these lived on as orphans
 holding the trainer's memory. ``die_with_parent`` makes every process forked afterwards get SIGKILL
 when its parent dies (``prctl(PR_SET_PDEATHSIG)``) and restores the default signal handlers in it.

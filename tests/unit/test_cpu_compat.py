@@ -181,3 +181,30 @@ def test_megatron_functions_are_compiled_at_their_first_call_and_nothing_else_ch
     assert calls == [("megatron_fn", {}), ("megatron_fn", {"fullgraph": True})]  # once each, options kept
     assert compile(user_fn, mode="max-autotune")(1) == 4
     assert calls[-1] == ("user_fn", {"mode": "max-autotune"})  # at once: not deferred
+
+
+def test_checkpoint_saves_start_no_interpreter():
+    """``_patch_checkpoint_results_queue``: megatron's checkpoint writer collects results through a
+    Manager queue it starts with "spawn" (a fresh interpreter re-importing torch and megatron-core:
+    ~2.4 s at each process's first save); on CPU it is forked. A save and load round trip works with
+    spawning made impossible."""
+    out = _run("""
+        import multiprocessing, tempfile
+        import torch
+        from megatron_opsd.parallel import ParallelConfig, init_parallel
+        runtime = init_parallel(ParallelConfig(), seed=0)  # applies the CPU patches
+
+        def refuse(self):
+            raise AssertionError("a process was spawned")
+        multiprocessing.get_context("spawn").Process.start = refuse
+        from megatron.core import dist_checkpointing
+        from megatron.core.dist_checkpointing import ShardedTensor
+        directory = tempfile.mkdtemp()
+        weight = torch.arange(12.0).view(3, 4)
+        dist_checkpointing.save({"w": ShardedTensor.from_rank_offsets("w", weight, replica_id=0)}, directory)
+        loaded = dist_checkpointing.load({"w": ShardedTensor.from_rank_offsets("w", torch.zeros(3, 4), replica_id=0)},
+                                         directory)
+        print("round trip:", torch.equal(loaded["w"], weight))
+        runtime.destroy()
+    """)
+    assert "round trip: True" in out, out
