@@ -208,3 +208,22 @@ def test_checkpoint_saves_start_no_interpreter():
         runtime.destroy()
     """)
     assert "round trip: True" in out, out
+
+
+def test_cpu_runs_print_none_of_the_warnings_cpu_compat_silences():
+    """megatron's "Transformer Engine and Apex are not installed" warnings (emitted as its optimizer and
+    fusion modules are imported) and torch's fp32-norm-weight "Mismatch dtype" warning of a bf16 model:
+    the filters are in place before anything that warns runs (the TE/Apex filter used to come after
+    the import that warns, so every process printed four of them)."""
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import torch
+        from megatron_opsd.parallel import ParallelConfig, init_parallel
+        runtime = init_parallel(ParallelConfig(), seed=0)
+        import megatron.core.optimizer  # warns at import without TE/Apex
+        weight = torch.ones(8)  # fp32, as a bf16 model's norm weight
+        torch.nn.functional.rms_norm(torch.randn(2, 8, dtype=torch.bfloat16), (8,), weight, 1e-5)
+        runtime.destroy()
+        print("done")
+    """)], cwd=REPO_ROOT, env=worker_env({"PYTHONWARNINGS": "default"}), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+    assert "not installed" not in proc.stderr and "Mismatch dtype" not in proc.stderr, proc.stderr[-3000:]
