@@ -9,11 +9,15 @@ import textwrap
 from tests.harness import REPO_ROOT, worker_env
 
 
-def _run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=worker_env(),
+def _run_process(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO_ROOT, env=worker_env(env),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    return proc.stdout
+    return proc
+
+
+def _run(code: str) -> str:
+    return _run_process(code).stdout
 
 
 def test_no_patch_when_cuda_is_reported_available():
@@ -145,8 +149,8 @@ def test_placement_free_repeats_probe_then_leave_the_mode_and_fall_back_on_error
 
 def test_megatron_functions_are_compiled_at_their_first_call_and_nothing_else_changes():
     """``defer_megatron_compile``: importing megatron-core after megatron_opsd imports no dynamo (the
-    ~1.9 s it saves per process), megatron's decorated fusions still compute their formula, and
-    torch.compile's options and every non-megatron caller reach the real torch.compile unchanged."""
+    ~1.9 s it saves per process), and, with a stand-in for torch.compile, megatron's functions are
+    compiled once, at their first call, with their options, while every other caller reaches it at once."""
     out = _run("""
         import sys
         import megatron_opsd  # applies the deferral
@@ -216,7 +220,7 @@ def test_cpu_runs_print_none_of_the_warnings_cpu_compat_silences():
     torch's ShardedTensor deprecation at a checkpoint load (named after cpu_compat's placement mode):
     the filters are in place before anything that warns runs (the TE/Apex filter used to come after
     the import that warns, so every process printed four of them)."""
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+    proc = _run_process("""
         import torch
         from megatron_opsd.parallel import ParallelConfig, init_parallel
         runtime = init_parallel(ParallelConfig(), seed=0)
@@ -229,7 +233,7 @@ def test_cpu_runs_print_none_of_the_warnings_cpu_compat_silences():
         getattr(sharded, "device", None)
         runtime.destroy()
         print("done")
-    """)], cwd=REPO_ROOT, env=worker_env({"PYTHONWARNINGS": "default"}), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-3000:]
+    """, env={"PYTHONWARNINGS": "default"})
+    assert "done" in proc.stdout, proc.stderr[-3000:]
     for silenced in ("not installed", "Mismatch dtype", "deprecating ShardedTensor"):
         assert silenced not in proc.stderr, proc.stderr[-3000:]
