@@ -14,8 +14,11 @@ and renamed; an existing non-empty ``out`` is refused (the GGUF file itself is o
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,6 +32,38 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 GGUF_ARCHITECTURES = {"llama", "mistral", "qwen2", "qwen3"}
 # GGUF stores norms in F32 whatever the model's dtype; the large matrices tell the source dtype.
 _UNQUANTIZED = {"F32": None, "F16": "fp16", "BF16": "bf16"}
+
+
+@contextlib.contextmanager
+def gguf_parsed_once(path: Path) -> Iterator[None]:
+    """Within the block, every ``gguf.GGUFReader(path)`` returns one shared reader, and
+    ``gguf.get_tensor_name_map`` is memoised.
+
+    Why: transformers builds a new ``GGUFReader`` for the config, the weights and the tokenizer (and the
+    config twice: ``AutoModel`` reads it again), and each parses every metadata field, the tokenizer's
+    ~100k strings included (~5 s each for SmolLM2-135M); its weight-name mapping then builds gguf's
+    tensor-name table once per module (~400 times, ~10 s). Both are read-only after construction
+    (the reader memory-maps the file read-only), so sharing them changes no result. transformers
+    imports both names from ``gguf`` at each call, which is what makes them replaceable here.
+    """
+    import gguf
+
+    real_reader, real_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    shared: dict[str, object] = {}
+    path = path.resolve()
+
+    def reader(file, *args, **kwargs):
+        if args or kwargs or Path(file).resolve() != path:
+            return real_reader(file, *args, **kwargs)
+        if "reader" not in shared:
+            shared["reader"] = real_reader(file)
+        return shared["reader"]
+
+    gguf.GGUFReader, gguf.get_tensor_name_map = reader, functools.lru_cache(maxsize=None)(real_name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = real_reader, real_name_map
 
 
 def read_gguf_header(path: Path) -> tuple[str, set[str]]:
@@ -71,12 +106,17 @@ def _portable_tokenizer_class(path: Path) -> None:
 def convert_gguf_to_hf(gguf_file: str | Path, out: str | Path, *, dtype: str = "auto",
                        max_shard_size: str | int = "5GB", log=print) -> Path:
     """Write the HF directory ``out`` for ``gguf_file``; return ``out``."""
-    import transformers
-
     start = time.time()
     gguf_file = Path(gguf_file)
     max_bytes = parse_size(max_shard_size)
     out = check_output_dir(out, force=False)
+    with gguf_parsed_once(gguf_file):
+        return _convert(gguf_file, out, dtype, max_bytes, start, log)
+
+
+def _convert(gguf_file: Path, out: Path, dtype: str, max_bytes: int, start: float, log) -> Path:
+    import transformers
+
     arch, tensor_types = read_gguf_header(gguf_file)
     if arch not in GGUF_ARCHITECTURES:
         raise ValueError(f"--gguf {gguf_file}: architecture {arch!r} is not supported; supported: "

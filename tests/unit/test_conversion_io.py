@@ -237,3 +237,43 @@ def test_atomic_save_leaves_neighbours_alone(tmp_path):
     assert (out / "weights.bin").read_text() == "second"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "model.old", "model.tmp"]
     assert all((tmp_path / n / "keep.txt").read_text() == "user data" for n in ("model.old", "model.tmp"))
+
+
+def test_gguf_conversion_parses_the_file_once(tmp_path, monkeypatch):
+    """Inside ``gguf_parsed_once`` our header read and transformers' GGUF loader (which the conversion
+    calls for the config, twice, the weights and the tokenizer) share one parsed reader, gguf's
+    tensor-name table is built once per (arch, layers), and both names are gguf's own again afterwards.
+    A tiny GGUF written with the ``gguf`` package's writer."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    from megatron_opsd.conversion.gguf_to_hf import gguf_parsed_once, read_gguf_header
+
+    paths = [tmp_path / "a.gguf", tmp_path / "b.gguf"]
+    for path in paths:
+        writer = gguf.GGUFWriter(str(path), "llama")
+        writer.add_block_count(1)
+        writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    parsed = []
+
+    class CountingReader(gguf.GGUFReader):
+        def __init__(self, path, *args, **kwargs):
+            parsed.append(str(path))
+            super().__init__(path, *args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    real_name_map = gguf.get_tensor_name_map
+    with gguf_parsed_once(paths[0]):
+        assert read_gguf_header(paths[0]) == ("llama", {"F32"})
+        for _ in range(2):
+            load_gguf_checkpoint(str(paths[0].resolve()), return_tensors=False)
+        gguf.GGUFReader(str(paths[1]))  # another file: its own reader
+        arch = next(iter(gguf.MODEL_ARCH_NAMES))
+        assert gguf.get_tensor_name_map(arch, 2) is gguf.get_tensor_name_map(arch, 2)
+    assert parsed == [str(paths[0]), str(paths[1])]
+    assert gguf.GGUFReader is CountingReader and gguf.get_tensor_name_map is real_name_map
