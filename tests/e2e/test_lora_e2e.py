@@ -96,7 +96,7 @@ def test_lora_run_resume_and_export(tmp_path):
     assert proc.returncode == 2 and "trained on the base" in proc.stderr, proc.stderr[-3000:]
 
 
-@pytest.mark.slow  # ~25 s: the same path in one process is tests/unit/test_lora.py::test_init_from_adapter_exports_bit_identical
+@pytest.mark.slow  # ~38 s: the same path in one process is tests/unit/test_lora.py::test_init_from_adapter_exports_bit_identical
 @pytest.mark.distributed
 def test_lora_init_from_an_exported_adapter_round_trips_through_the_trainer_at_tp2(tmp_path):
     """A LoRA run's PEFT adapter export, given back as ``lora.init_from`` to a TP2 run whose one step is too
